@@ -1,0 +1,3 @@
+"""Edge inference appliance for dermatology clinics."""
+
+__version__ = "0.1.0"

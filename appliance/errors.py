@@ -1,0 +1,82 @@
+"""The appliance's error tree: each class carries the HTTP status it renders as.
+
+Handlers and services raise these; exactly one middleware turns them into
+`{"detail": ...}` responses. Errors raised outside a request (start-up) are
+printed as one line and make the process exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+    status = 500
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class ConfigError(ApplianceError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+class ModelError(ApplianceError):
+    """The model directory is missing, tampered with, or fails its self-check."""
+
+
+class RuntimeLoadError(ModelError):
+    """An inference back end or device could not be loaded."""
+
+
+class BadRequest(ApplianceError):
+    """The request is malformed (400)."""
+
+    status = 400
+
+
+class Unauthorized(ApplianceError):
+    """Missing or wrong API key (401)."""
+
+    status = 401
+
+
+class NotFound(ApplianceError):
+    """The named resource does not exist (404)."""
+
+    status = 404
+
+
+class PayloadTooLarge(ApplianceError):
+    """The body or the image's pixel count is over its cap (413)."""
+
+    status = 413
+
+
+class UnsupportedMediaType(ApplianceError):
+    """A recognisable file that is not an image type we accept (415)."""
+
+    status = 415
+
+
+class UnprocessableEntity(ApplianceError):
+    """The body is not what the endpoint takes: a missing part, invalid JSON (422)."""
+
+    status = 422
+
+
+class Overloaded(ApplianceError):
+    """The inference queue is full or the model is not ready (503)."""
+
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreError(ApplianceError):
+    """A durable write or read failed; nothing half-done was left behind (500)."""
+
+    status = 500
