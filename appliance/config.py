@@ -1,0 +1,362 @@
+"""Configuration: `config.toml` plus environment overrides, parsed once into frozen dataclasses.
+
+Precedence, lowest first: the dataclass defaults, the TOML file, `APPLIANCE_*`
+variables (`APPLIANCE_<SECTION>__<KEY>`, e.g. `APPLIANCE_STORAGE__BACKEND=disk`,
+`APPLIANCE_RUNTIME__OPENVINO__DEVICE=GPU`), then the old back end's variables
+(`MODEL_PATH`, `BLUR_THRESHOLD`, …; see `LEGACY_ENV`) so a clinic can switch
+without rewriting its unit files. Unknown keys are refused; every error names
+the key path, the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .errors import ConfigError
+from .inference.runtimes import RUNTIMES, runtime_config_class
+from .storage import BACKENDS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the HTTP server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_file: Path | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model directory and which of its artifacts to serve."""
+
+    path: Path = Path("models/demo")
+    artifact: str = "auto"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The inference back end; each back end's own table is parsed by its module."""
+
+    backend: str = "onnxruntime"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> Any:
+        """The selected back end's own config object."""
+        return self.options[self.backend]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Queueing and micro-batching in front of the runtime."""
+
+    max_batch: int = 4
+    max_wait_ms: float = 2.0
+    queue_size: int = 32
+    decode_threads: int = 2
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    """Image acceptance limits and the blur / confidence thresholds."""
+
+    max_pixels: int = 64_000_000
+    blur_threshold: float = 100.0
+    blur_full_resolution: bool = False
+    conf_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where images and records are kept."""
+
+    backend: str = "sqlite"
+    root: Path = Path("data")
+    case_id_start: int = 10000
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole appliance configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    imaging: ImagingConfig = field(default_factory=ImagingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# The old back end's variables and the key each one sets.
+LEGACY_ENV: dict[str, tuple[str, ...]] = {
+    "MODEL_PATH": ("model", "path"),
+    "BLUR_THRESHOLD": ("imaging", "blur_threshold"),
+    "CONF_THRESHOLD": ("imaging", "conf_threshold"),
+    "STORAGE_DIR": ("storage", "root"),
+    "STORAGE_ROOT": ("storage", "root"),  # after STORAGE_DIR: the old server preferred it
+    "CASE_ID_START": ("storage", "case_id_start"),
+    "BACKSERVER_HOST": ("server", "host"),
+    "BACKSERVER_PORT": ("server", "port"),
+    "TLS_CERT_FILE": ("server", "tls_cert_file"),
+    "TLS_KEY_FILE": ("server", "tls_key_file"),
+}
+
+# Old variables this release does not implement yet: refusing to start beats
+# silently running without what the clinic asked for (e.g. unencrypted storage).
+UNSUPPORTED_LEGACY_ENV = ("ENCRYPT_STORAGE", "DATA_ENCRYPTION_KEY", "MODEL_URL")
+
+# MODEL_DEVICE of the old server, mapped onto our runtime settings.
+MODEL_DEVICE_PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate, return frozen config.
+
+    Relative paths in the file are resolved against the file's directory;
+    relative paths from the environment against the working directory.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        base = Path(path).resolve().parent
+    raw = _resolve_paths(raw, base)
+    _apply_environ(raw, environ)
+    return parse_config(raw)
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate a nested mapping (TOML-shaped) into a `Config`."""
+    _refuse_unknown(raw, SECTIONS, "")
+    sections: dict[str, Any] = {}
+    for name, cls in _section_classes().items():
+        table = _expect_table(raw.get(name, {}), name)
+        if cls is RuntimeConfig:
+            sections[name] = _parse_runtime(table)
+        else:
+            sections[name] = parse_dataclass(cls, table, name)
+    config = Config(**sections)
+    _check_choices(config)
+    return config
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _parse_runtime(table: Mapping[str, Any]) -> RuntimeConfig:
+    backend = table.get("backend", RuntimeConfig.backend)
+    if backend not in RUNTIMES:
+        raise ConfigError(f"runtime.backend: expected one of {', '.join(RUNTIMES)}; got {backend!r}")
+    allowed = {"backend": str, **{name: dict for name in RUNTIMES}}
+    _refuse_unknown(table, allowed, "runtime")
+    options = {}
+    for name in RUNTIMES:
+        sub = _expect_table(table.get(name, {}), f"runtime.{name}")
+        options[name] = parse_dataclass(runtime_config_class(name), sub, f"runtime.{name}")
+    return RuntimeConfig(backend=backend, options=types.MappingProxyType(options))
+
+
+def _check_choices(config: Config) -> None:
+    if config.storage.backend not in BACKENDS:
+        raise ConfigError(
+            f"storage.backend: expected one of {', '.join(BACKENDS)}; got {config.storage.backend!r}"
+        )
+    positive = {
+        "server.port": config.server.port,
+        "server.max_body_bytes": config.server.max_body_bytes,
+        "inference.max_batch": config.inference.max_batch,
+        "inference.queue_size": config.inference.queue_size,
+        "inference.decode_threads": config.inference.decode_threads,
+        "imaging.max_pixels": config.imaging.max_pixels,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: expected a positive number; got {value!r}")
+    if not 0.0 <= config.imaging.conf_threshold <= 1.0:
+        raise ConfigError(f"imaging.conf_threshold: expected a number from 0 to 1; got {config.imaging.conf_threshold!r}")
+    if (config.server.tls_cert_file is None) != (config.server.tls_key_file is None):
+        raise ConfigError("server.tls_cert_file and server.tls_key_file: expected both or neither")
+
+
+def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    """Build a frozen dataclass from a table, converting and checking each field's type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _refuse_unknown(table, fields, where)
+    values = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in table.items()}
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or value == "":
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list; got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string; got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key}: expected a path; got {value!r}")
+        return Path(value)
+    raise TypeError(f"{key}: no converter for {hint!r}")  # a programming error, not a user's
+
+
+def _refuse_unknown(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else key
+            choices = ", ".join(sorted(allowed))
+            raise ConfigError(f"{path}: unknown key (expected one of {choices})")
+
+
+def _expect_table(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table; got {value!r}")
+    return value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the file's relative paths relative to the file, not to the working directory."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    if isinstance(out.get("runtime"), dict):
+        out["runtime"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in out["runtime"].items()}
+    for path in _path_keys():
+        table: Any = out
+        for part in path[:-1]:
+            table = table.get(part) if isinstance(table, dict) else None
+        if isinstance(table, dict) and isinstance(table.get(path[-1]), str) and table[path[-1]]:
+            table[path[-1]] = str(base / table[path[-1]])
+    return out
+
+
+def _path_keys() -> list[tuple[str, ...]]:
+    """Every key path whose value is a filesystem path, runtime back ends' included."""
+    owners: list[tuple[tuple[str, ...], type]] = []
+    for section, cls in _section_classes().items():
+        if cls is RuntimeConfig:
+            owners += [(("runtime", name), runtime_config_class(name)) for name in RUNTIMES]
+        else:
+            owners.append(((section,), cls))
+    return [
+        (*where, name)
+        for where, cls in owners
+        for name, hint in typing.get_type_hints(cls).items()
+        if hint is Path or Path in typing.get_args(hint)
+    ]
+
+
+def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name in UNSUPPORTED_LEGACY_ENV:
+        if environ.get(name, "").strip() and environ.get(name, "").strip().lower() not in ("0", "false", "no"):
+            raise ConfigError(f"{name} is set, but this release does not support it yet; unset it to start")
+    for name, value in sorted(environ.items()):
+        if name.startswith("APPLIANCE_") and "__" in name:
+            path = [part.lower() for part in name[len("APPLIANCE_"):].split("__")]
+            _set(raw, path, _env_value(value))
+    for name, path in LEGACY_ENV.items():
+        if environ.get(name, "").strip():
+            _set(raw, list(path), environ[name].strip())
+    device = environ.get("MODEL_DEVICE", "").strip().lower()
+    if device:
+        if device not in MODEL_DEVICE_PROVIDERS:
+            raise ConfigError(f"MODEL_DEVICE: expected one of {', '.join(MODEL_DEVICE_PROVIDERS)}; got {device!r}")
+        _set(raw, ["runtime", "backend"], "onnxruntime")
+        _set(raw, ["runtime", "onnxruntime", "providers"], list(MODEL_DEVICE_PROVIDERS[device]))
+
+
+def _env_value(text: str) -> Any:
+    """Read an override as a TOML value when it is one (8000, true, ["a"]), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    table = raw
+    for part in path[:-1]:
+        nxt = table.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part!r} is not a table")
+        table = nxt
+    table[path[-1]] = value
+
+
+def api_key(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The configured API key ('' when the API is open): `API_KEY`, else the key file."""
+    environ = os.environ if environ is None else environ
+    if environ.get("API_KEY", "").strip():
+        return environ["API_KEY"].strip()
+    if config.server.api_key_file is None:
+        return ""
+    try:
+        return config.server.api_key_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"server.api_key_file: cannot read {config.server.api_key_file}: {exc.strerror}") from None

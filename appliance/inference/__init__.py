@@ -1,0 +1,1 @@
+"""Model loading, the inference runtimes and the batching scheduler in front of them."""

@@ -1,0 +1,55 @@
+"""Inference back ends: one module each behind the `Runtime` protocol.
+
+`RUNTIMES` maps a config name to "module:Class"; a back end's module is
+imported only when it is named, and imports its engine (onnxruntime,
+openvino) only in `load`, so a box without OpenVINO fails only when OpenVINO
+is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+RUNTIMES: dict[str, str] = {
+    "onnxruntime": "appliance.inference.runtimes.onnxruntime:OnnxRuntime",
+    "openvino": "appliance.inference.runtimes.openvino:OpenVinoRuntime",
+}
+
+
+class Runtime(Protocol):
+    """An engine that runs one model file on one device."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]  # manifest artifact formats it can load, preferred first
+
+    def load(self, model_file: Path) -> None:
+        """Compile the model for the configured device; raise RuntimeLoadError if it cannot."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run a float32 [N, 3, H, W] batch; return the [N, classes] output."""
+
+    def describe(self) -> dict[str, Any]:
+        """What really runs: runtime, device, providers or properties (for logs and /v1/info)."""
+
+    def close(self) -> None:
+        """Release the engine's memory."""
+
+
+def runtime_class(name: str) -> type:
+    """Import and return the back end class registered under `name`."""
+    module_name, _, attr = RUNTIMES[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def runtime_config_class(name: str) -> type:
+    """The frozen dataclass holding the named back end's `[runtime.<name>]` table."""
+    return runtime_class(name).Config
+
+
+def create_runtime(name: str, config: Any) -> Runtime:
+    """Instantiate the named back end with its parsed config (nothing loaded yet)."""
+    return runtime_class(name)(config)

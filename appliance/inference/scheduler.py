@@ -1,0 +1,106 @@
+"""A bounded queue and micro-batching in front of the runtime.
+
+Requests put one preprocessed tensor each into a queue of fixed size (full:
+503 with Retry-After, never unbounded latency). One batcher task takes the
+first waiting tensor, gathers more for at most `max_wait_s` or until
+`max_batch`, and runs the batch on the app's single inference thread; the
+runtime itself uses every core for one batch, so more threads would only
+contend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import Overloaded
+from .runtimes import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    tensor: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+class Scheduler:
+    """Turns concurrent single-image requests into batched runtime calls."""
+
+    def __init__(self, runtime: Runtime, executor: Executor, *, max_batch: int, max_wait_s: float, queue_size: int) -> None:
+        self.runtime = runtime
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.images = 0
+
+    def start(self) -> None:
+        """Start the batcher task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="inference-batcher")
+
+    async def stop(self) -> None:
+        """Stop the batcher; jobs still queued fail with 503."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(Overloaded("The appliance is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        """Tensors waiting for a batch."""
+        return self._queue.qsize()
+
+    async def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """The model's output row for one preprocessed image."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Job(tensor, future))
+        except asyncio.QueueFull:
+            raise Overloaded("The inference queue is full; retry shortly") from None
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            # Requests that arrive while a batch runs wait in the queue and
+            # form the next batch by themselves; the short sleep only gathers
+            # stragglers when the queue is not already enough for a batch.
+            if self.max_wait_s > 0 and self._queue.qsize() < self.max_batch - 1:
+                await asyncio.sleep(self.max_wait_s)
+            while len(jobs) < self.max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            jobs = [job for job in jobs if not job.future.cancelled()]
+            if jobs:
+                await self._run_batch(loop, jobs)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        batch = np.stack([job.tensor for job in jobs])
+        try:
+            outputs = await loop.run_in_executor(self.executor, self.runtime.infer, batch)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.images += len(jobs)
+        for job, row in zip(jobs, outputs):
+            if not job.future.done():
+                job.future.set_result(row)

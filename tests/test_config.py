@@ -1,0 +1,125 @@
+"""Configuration: the shipped file, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import Config, api_key, load_config, parse_config
+from appliance.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_equals_the_defaults() -> None:
+    shipped = load_config(ROOT / "config.toml", environ={})
+    defaults = parse_config({})
+    # Paths in the file are resolved against its directory.
+    assert shipped.model.path == ROOT / "models/demo"
+    assert shipped.storage.root == ROOT / "data"
+    assert shipped.server == defaults.server
+    assert shipped.runtime == defaults.runtime
+    assert (shipped.inference, shipped.imaging) == (defaults.inference, defaults.imaging)
+
+
+def test_every_key_is_in_config_toml_with_a_comment() -> None:
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    defaults = parse_config({})
+    tables = {
+        "server": defaults.server, "model": defaults.model, "inference": defaults.inference,
+        "imaging": defaults.imaging, "storage": defaults.storage,
+        **{f"runtime.{name}": cfg for name, cfg in defaults.runtime.options.items()},
+    }
+    keys = {table: list(vars(cfg)) for table, cfg in tables.items()}
+    keys["runtime"] = ["backend"]
+    for table, names in keys.items():
+        start = lines.index(f"[{table}]")
+        for name in names:
+            index = next(i for i in range(start + 1, len(lines)) if re.match(rf"{name} = ", lines[i]))
+            assert lines[index - 1].startswith("#"), f"[{table}] {name} has no comment above it"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"server": {"prot": 1}}, "server.prot: unknown key (expected one of api_key_file, host, max_body_bytes, port, "
+                                  "shutdown_timeout_s, tls_cert_file, tls_key_file)"),
+        ({"servr": {}}, "servr: unknown key (expected one of imaging, inference, model, runtime, server, storage)"),
+        ({"server": {"port": "eighty"}}, "server.port: expected a whole number; got 'eighty'"),
+        ({"server": {"port": 0}}, "server.port: expected a positive number; got 0"),
+        ({"runtime": {"openvino": {"device": "gpu0"}}}, "runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'"),
+        ({"runtime": {"backend": "tensorflow"}}, "runtime.backend: expected one of onnxruntime, openvino; got 'tensorflow'"),
+        ({"storage": {"backend": "s3"}}, "storage.backend: expected one of sqlite, disk; got 's3'"),
+        ({"imaging": {"conf_threshold": 2}}, "imaging.conf_threshold: expected a number from 0 to 1; got 2.0"),
+        ({"imaging": {"blur_full_resolution": "maybe"}}, "imaging.blur_full_resolution: expected true or false; got 'maybe'"),
+        ({"server": {"tls_cert_file": "c.pem"}}, "server.tls_cert_file and server.tls_key_file: expected both or neither"),
+        ({"runtime": {"onnxruntime": {"providers": "CPUExecutionProvider", "x": 1}}},
+         "runtime.onnxruntime.x: unknown key (expected one of allow_fallback, providers, threads)"),
+    ],
+)
+def test_errors_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert str(caught.value) == message
+
+
+def test_old_environment_variables_override_the_file(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config.toml", environ={
+        "MODEL_PATH": "/srv/models/ham", "BLUR_THRESHOLD": "55.5", "CONF_THRESHOLD": "0.7",
+        "STORAGE_ROOT": "/srv/data", "CASE_ID_START": "500", "BACKSERVER_HOST": "0.0.0.0",
+        "BACKSERVER_PORT": "9000", "MODEL_DEVICE": "cuda",
+    })
+    assert config.model.path == Path("/srv/models/ham")
+    assert (config.imaging.blur_threshold, config.imaging.conf_threshold) == (55.5, 0.7)
+    assert (config.storage.root, config.storage.case_id_start) == (Path("/srv/data"), 500)
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert config.runtime.selected.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_appliance_variables_override_any_key() -> None:
+    config = load_config(None, environ={
+        "APPLIANCE_STORAGE__BACKEND": "disk", "APPLIANCE_RUNTIME__BACKEND": "openvino",
+        "APPLIANCE_RUNTIME__OPENVINO__DEVICE": "AUTO", "APPLIANCE_INFERENCE__MAX_BATCH": "8",
+        "APPLIANCE_RUNTIME__ONNXRUNTIME__PROVIDERS": '["CPUExecutionProvider"]',
+    })
+    assert config.storage.backend == "disk"
+    assert config.runtime.backend == "openvino" and config.runtime.selected.device == "AUTO"
+    assert config.inference.max_batch == 8
+
+
+def test_unsupported_old_variables_refuse_to_start() -> None:
+    with pytest.raises(ConfigError, match="^ENCRYPT_STORAGE is set, but this release does not support it yet; unset it to start$"):
+        load_config(None, environ={"ENCRYPT_STORAGE": "1"})
+    with pytest.raises(ConfigError, match="^MODEL_DEVICE: expected one of cpu, cuda; got 'mps'$"):
+        load_config(None, environ={"MODEL_DEVICE": "mps"})
+
+
+def test_api_key_sources(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    config = parse_config({"server": {"api_key_file": str(key_file)}})
+    assert api_key(config, environ={}) == "from-file"
+    assert api_key(config, environ={"API_KEY": "from-env"}) == "from-env"
+    assert api_key(Config(), environ={}) == ""
+    missing = parse_config({"server": {"api_key_file": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match=r"^server.api_key_file: cannot read .*nope: No such file or directory$"):
+        api_key(missing, environ={})
+
+
+def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(good)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("config OK: model tiny v1 (onnx-fp32, DEMO) from ")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[runtime.openvino]\ndevice = "gpu0"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(bad)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 1
+    assert run.stderr == "appliance: error: runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'\n"
