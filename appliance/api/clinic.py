@@ -1,0 +1,166 @@
+"""The phone app's API (../shared/CLIENT_CONTRACT.md): parse, call `Clinic`, render.
+
+Order of checks, as the contract fixes it: API key (401, in the auth
+middleware), then X-User-Id (400), then the body (413/415/422/400).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from ..errors import BadRequest, PayloadTooLarge, UnprocessableEntity
+from ..keys import CLINIC, CONFIG
+from ..services import Caller, sanitize_user_id
+
+routes = web.RouteTableDef()
+
+MAX_FIELD_BYTES = 1024  # a form field other than the file (case_id) is tiny
+
+
+def caller(request: web.Request) -> Caller:
+    """The caller from X-User-Id / X-User-Role, or 400."""
+    user_id = sanitize_user_id(request.headers.get("X-User-Id", ""))
+    if not user_id:
+        raise BadRequest("Missing X-User-Id header")
+    return Caller(user_id=user_id, role=request.headers.get("X-User-Role", "").strip().lower())
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, or 422."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UnprocessableEntity("Invalid JSON body") from None
+    if not isinstance(body, dict):
+        raise UnprocessableEntity("Invalid JSON body: expected an object")
+    return body
+
+
+async def read_upload(request: web.Request) -> tuple[bytes, str | None]:
+    """The `file` part's bytes and a `case_id` form field, reading no more than the body cap."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body too large (limit {limit} bytes)")
+    if not request.content_type.startswith("multipart/"):
+        raise UnprocessableEntity("Expected multipart/form-data with a 'file' part")
+    data: bytes | None = None
+    form_case_id: str | None = None
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "file" and data is None:
+                data = await _read_capped(part, limit)
+            elif part.name == "case_id":
+                form_case_id = (await _read_capped(part, MAX_FIELD_BYTES)).decode("utf-8", "replace").strip()
+            else:
+                await part.release()
+    except (ValueError, AssertionError) as exc:  # aiohttp's multipart parser on malformed bodies
+        raise UnprocessableEntity(f"Malformed multipart body: {exc}") from None
+    if data is None:
+        raise UnprocessableEntity("Field 'file' is required")
+    return data, form_case_id
+
+
+async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(256 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body too large (limit {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise UnprocessableEntity(f"Query parameter '{name}' must be true or false")
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.post("/check-image")
+async def check_image(request: web.Request) -> web.Response:
+    who = caller(request)
+    data, form_case_id = await read_upload(request)
+    case_id = request.query.get("case_id", "").strip() or form_case_id or None
+    return web.json_response(await request.app[CLINIC].check_image(who, data, case_id))
+
+
+@routes.post("/cases/next-id")
+async def next_case_id(request: web.Request) -> web.Response:
+    who = caller(request)
+    return web.json_response({"case_id": await request.app[CLINIC].next_case_id(who)})
+
+
+@routes.post("/cases/release-id")
+async def release_case_id(request: web.Request) -> web.Response:
+    who = caller(request)
+    body = await json_body(request)
+    return web.json_response(await request.app[CLINIC].release_case_id(who, body.get("case_id")))
+
+
+async def _log(request: web.Request, entry_type: str, message: str) -> web.Response:
+    who = caller(request)
+    body = await json_body(request)
+    stored = await request.app[CLINIC].log_case(who, entry_type, body)
+    if entry_type == "reject":
+        return web.json_response({"status": "ok", "message": message})
+    return web.json_response(
+        {"status": "ok", "message": message, "case_id": stored["case_id"], "case_status": stored["status"]}
+    )
+
+
+@routes.post("/cases")
+async def log_case(request: web.Request) -> web.Response:
+    return await _log(request, "case", "logged")
+
+
+@routes.post("/cases/uncertain")
+async def log_uncertain(request: web.Request) -> web.Response:
+    return await _log(request, "uncertain", "uncertain_logged")
+
+
+@routes.post("/cases/reject")
+async def log_reject(request: web.Request) -> web.Response:
+    return await _log(request, "reject", "rejected_logged")
+
+
+@routes.put("/cases/{case_id}")
+async def update_case(request: web.Request) -> web.Response:
+    who = caller(request)
+    body = await json_body(request)
+    case_id = request.match_info["case_id"]
+    await request.app[CLINIC].update_case(who, case_id, body)
+    return web.json_response({"status": "ok", "case_id": case_id})
+
+
+@routes.get("/cases")
+async def list_cases(request: web.Request) -> web.Response:
+    who = caller(request)
+    raw_limit = request.query.get("limit", "100").strip()
+    if not raw_limit.isdigit() or int(raw_limit) < 1:
+        raise UnprocessableEntity("Query parameter 'limit' must be a positive whole number")
+    cases = await request.app[CLINIC].list_cases(
+        who,
+        status=request.query.get("status", "").strip() or None,
+        limit=min(int(raw_limit), 10_000),
+        include_uncertain=_flag(request, "include_uncertain", True),
+        include_rejected=_flag(request, "include_rejected", True),
+    )
+    return web.json_response({"cases": cases})

@@ -1,0 +1,60 @@
+"""Operators' endpoints: readiness and a description of what is running."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """200 once the model is loaded, warmed and self-checked and the store answers; else 503."""
+    app = request.app
+    checks: dict[str, Any] = {"model": app[STATE].ready, "store": False}
+    try:
+        loop = asyncio.get_running_loop()
+        stats = await loop.run_in_executor(app[EXECUTORS].store, app[STORE].stats)
+        checks["store"] = True
+    except Exception as exc:  # any store failure means not ready; say which
+        stats = {"error": str(exc)}
+    body = {"status": "ready" if all(checks.values()) else "not ready", "checks": checks, "store": stats}
+    if app[STATE].ready:
+        body["model"] = app[MODEL].describe()
+    if not all(checks.values()):
+        failing = ", ".join(name for name, ok in checks.items() if not ok)
+        body["detail"] = f"Not ready: {failing}"
+        return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response(body)
+
+
+@routes.get("/v1/info")
+async def info(request: web.Request) -> web.Response:
+    """The running model, runtime and settings that matter for answers."""
+    app = request.app
+    model = app[MODEL]
+    config = app[CONFIG]
+    return web.json_response(
+        {
+            "appliance": {"version": __version__, "uptime_s": round(time.time() - app[STATE].started_at, 1)},
+            "model": model.describe(),
+            "labels": list(model.manifest.labels),
+            "runtime": model.runtime.describe(),
+            "selfcheck": {"golden_images": len(model.manifest.golden), "max_abs_dp": model.selfcheck_max_abs_dp,
+                          "allowed": model.artifact.selfcheck_max_abs_dp},
+            "inference": {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
+                          "queue_depth": app[SCHEDULER].depth, "batches": app[SCHEDULER].batches,
+                          "images": app[SCHEDULER].images},
+            "imaging": {"blur_threshold": config.imaging.blur_threshold,
+                        "blur_full_resolution": config.imaging.blur_full_resolution,
+                        "conf_threshold": config.imaging.conf_threshold, "max_pixels": config.imaging.max_pixels},
+            "storage": {"backend": config.storage.backend},
+        }
+    )
