@@ -1,0 +1,79 @@
+"""The parity report: how each artifact's probabilities agree with PyTorch FP32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FP32_BAR = {"max_abs_dp": 1e-4, "top1_agreement": 1.0}
+INT8_BAR = {"top1_agreement": 0.99}
+FP16_BAR = {"top1_agreement": 0.99}
+
+
+def bar_for(precision: str) -> dict:
+    """The parity bar an artifact of this precision must meet."""
+    return dict({"fp32": FP32_BAR, "int8": INT8_BAR, "fp16": FP16_BAR}[precision])
+
+
+def top1_agreement(reference: np.ndarray, probs: np.ndarray) -> float:
+    """Fraction of images whose arg-max matches the reference's."""
+    if len(reference) == 0:
+        return 1.0
+    return float(np.mean(reference.argmax(1) == probs.argmax(1)))
+
+
+@dataclass(frozen=True)
+class Parity:
+    """One artifact against PyTorch FP32 on the held-out images."""
+
+    images: int
+    max_abs_dp: float
+    top1_agreement: float
+    per_class_agreement: dict[str, float]
+    bar: dict
+    passed: bool
+
+    def to_json(self) -> dict:
+        """The manifest's `parity` table."""
+        return {
+            "images": self.images,
+            "max_abs_dp": self.max_abs_dp,
+            "top1_agreement": self.top1_agreement,
+            "per_class_agreement": self.per_class_agreement,
+            "bar": self.bar,
+            "passed": self.passed,
+        }
+
+
+def measure(reference: np.ndarray, probs: np.ndarray, labels: list[str], bar: dict) -> Parity:
+    """Compare probabilities with the reference.
+
+    Per-class agreement is over the images PyTorch puts in that class; classes PyTorch
+    predicts for none of the held-out images are left out rather than reported as 1.0.
+    """
+    ref_top, top = reference.argmax(1), probs.argmax(1)
+    per_class = {
+        label: float(np.mean(top[ref_top == k] == k)) for k, label in enumerate(labels) if np.any(ref_top == k)
+    }
+    max_dp = float(np.max(np.abs(reference - probs))) if len(reference) else 0.0
+    agreement = top1_agreement(reference, probs)
+    passed = agreement >= bar.get("top1_agreement", 0.0) and max_dp <= bar.get("max_abs_dp", np.inf)
+    return Parity(len(reference), max_dp, agreement, per_class, bar, bool(passed))
+
+
+def format_table(rows: list[tuple[str, Parity | None, str]]) -> str:
+    """The parity table printed at the end of a conversion: one row per artifact."""
+    header = f"{'artifact':<15} {'images':>6} {'max|dp|':>9} {'top-1':>7} {'worst class':>17}  result"
+    lines = [header, "-" * len(header)]
+    for name, parity, note in rows:
+        if parity is None:
+            lines.append(f"{name:<15} {'':>6} {'':>9} {'':>7} {'':>17}  {note}")
+            continue
+        worst = min(parity.per_class_agreement.items(), key=lambda kv: kv[1], default=("-", 1.0))
+        result = "pass" if parity.passed else "FAIL"
+        lines.append(
+            f"{name:<15} {parity.images:>6} {parity.max_abs_dp:>9.2e} {parity.top1_agreement:>7.2%} "
+            f"{worst[0] + ' ' + format(worst[1], '.0%'):>17}  {result}{'  ' + note if note else ''}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Factories for the converter's tests: tiny real checkpoints, real JPEG directories, manifest checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from convert.synthetic import synthetic_photos
+
+LABELS = ["a", "b", "c"]
+
+
+def make_resnet18(*, head: str = "fc.1", classes: int = 3, seed: int = 0) -> nn.Module:
+    """A random but deterministic ResNet18 with the old back end's head (`fc.1`) or a plain one (`fc`)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None, zero_init_residual=True)
+    model.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(512, classes)) if head == "fc.1" else nn.Linear(512, classes)
+    with torch.no_grad():  # larger head weights so answers differ between images
+        linear = model.fc[1] if head == "fc.1" else model.fc
+        linear.weight.mul_(20.0)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, model: nn.Module, form: str) -> Path:
+    """Save `model` in one of the checkpoint forms the converter accepts."""
+    if form == "model_state_dict":
+        torch.save({"model_state_dict": model.state_dict(), "epoch": 3, "best_acc": 0.8}, path)
+    elif form == "state_dict":
+        torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
+    elif form == "bare_state_dict":
+        torch.save(model.state_dict(), path)
+    elif form == "module":
+        torch.save(model, path)
+    elif form == "torchscript":
+        torch.jit.script(model).save(str(path))
+    else:
+        raise ValueError(form)
+    return path
+
+
+def write_photo_dir(directory: Path, count: int, *, seed: int = 11, broken: int = 0) -> Path:
+    """A directory of real JPEGs (and `broken` files that are not images)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(synthetic_photos(count, seed, (160, 128))):
+        image.save(directory / f"photo{i:02d}.jpg", "JPEG", quality=90)
+    for i in range(broken):
+        (directory / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return directory
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_manifest(version_dir: Path) -> dict:
+    return json.loads((version_dir / "model.json").read_text())
+
+
+def assert_hashes(version_dir: Path, manifest: dict) -> None:
+    """Every artifact file exists and its sha256 is the one the manifest states."""
+    for key, artifact in manifest["artifacts"].items():
+        assert artifact["file"] in artifact["files"], key
+        assert artifact["sha256"] == artifact["files"][artifact["file"]], key
+        for rel, digest in artifact["files"].items():
+            assert sha256(version_dir / rel) == digest, (key, rel)
+
+
+def assert_bars(manifest: dict) -> None:
+    """Each artifact's parity is consistent with its bar and its degraded flag."""
+    for key, artifact in manifest["artifacts"].items():
+        parity = artifact["parity"]
+        bar = parity["bar"]
+        meets = parity["top1_agreement"] >= bar["top1_agreement"] and parity["max_abs_dp"] <= bar.get("max_abs_dp", 1.0)
+        assert parity["passed"] == meets, key
+        assert artifact["degraded"] == (not meets), key
+        if artifact["precision"] == "fp32":
+            assert bar == {"max_abs_dp": 1e-4, "top1_agreement": 1.0}
+            assert parity["passed"], key
+            assert artifact["selfcheck_max_abs_dp"] == 0.01
+        if artifact["precision"] == "int8":
+            assert bar == {"top1_agreement": 0.99}
+            assert artifact["selfcheck_max_abs_dp"] >= 0.05

@@ -1,0 +1,233 @@
+"""The converter on small real checkpoints: every form, both heads, every error, the manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from convert.__main__ import main
+from convert.checkpoint import load_checkpoint
+from convert.errors import ConvertError
+from convert.images import preprocess_file
+from convert.runtimes import onnx_runner, openvino_runner
+
+from .convert_helpers import LABELS, assert_bars, assert_hashes, load_manifest, make_resnet18, write_checkpoint, write_photo_dir
+
+FAST = ["--arch", "resnet18", "--labels", *LABELS, "--synthetic-images", "4"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- loading every checkpoint form -------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["model_state_dict", "state_dict", "bare_state_dict", "torchscript"])
+@pytest.mark.parametrize("head", ["fc.1", "fc"])
+def test_every_form_and_head_loads_to_the_same_answers(tmp_path, form, head):
+    model = make_resnet18(head=head)
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, form)
+    loaded = load_checkpoint(path, arch="resnet18")
+    assert loaded.form == form
+    assert loaded.num_classes == 3
+    assert loaded.head == head
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x))
+
+
+def test_whole_module_needs_trust(tmp_path):
+    path = write_checkpoint(tmp_path / "whole.pt", make_resnet18(), "module")
+    with pytest.raises(ConvertError, match="--trust-checkpoint"):
+        load_checkpoint(path, arch="resnet18")
+    loaded = load_checkpoint(path, arch="resnet18", trust=True)
+    assert (loaded.form, loaded.num_classes, loaded.head) == ("module", 3, "fc.1")
+
+
+def test_data_parallel_prefix_is_stripped(tmp_path):
+    model = make_resnet18()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "dp.pt")
+    assert load_checkpoint(tmp_path / "dp.pt", arch="resnet18").num_classes == 3
+
+
+def test_other_torchvision_arch_head_is_found(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
+    path = write_checkpoint(tmp_path / "mnv3.pt", model, "model_state_dict")
+    loaded = load_checkpoint(path, arch="mobilenet_v3_small")
+    assert (loaded.num_classes, loaded.head) == (4, "classifier.3")
+
+
+# --- errors: one line, non-zero exit, nothing written ---------------------------------
+
+
+def assert_nothing_written(out):
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_missing_file(tmp_path, capsys):
+    code, out, err = run(capsys, tmp_path / "nope.pt", "--name", "m", "--out", tmp_path / "models")
+    assert code == 1
+    assert err.strip() == f"convert: error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    code, out, err = run(capsys, tmp_path / "notes.pt", "--name", "m", "--out", tmp_path / "models")
+    assert code == 1
+    assert err.startswith("convert: error: not a PyTorch checkpoint:") and err.count("\n") == 1
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_pickled_module_without_trust(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "whole.pt", make_resnet18(), "module")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    assert code == 1
+    assert "needs full unpickling" in err and "pass --trust-checkpoint" in err and err.count("\n") == 1
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_keys_that_do_not_fit_name_first_missing_and_unexpected(tmp_path, capsys):
+    state = make_resnet18().state_dict()
+    state["extra.weight"] = state.pop("layer1.0.conv1.weight")
+    torch.save({"model_state_dict": state}, tmp_path / "bad.pt")
+    code, out, err = run(capsys, tmp_path / "bad.pt", "--name", "m", "--out", tmp_path / "models", *FAST)
+    assert code == 1
+    assert "first missing key 'layer1.0.conv1.weight'" in err
+    assert "first unexpected key 'extra.weight'" in err
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_wrong_arch_names_the_mismatching_shape(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", "--arch", "resnet50")
+    assert code == 1
+    assert "resnet50 expects" in err and err.count("\n") == 1
+
+
+def test_label_count_mismatch_names_both_numbers(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", "--arch", "resnet18")
+    assert code == 1
+    assert "the checkpoint has 3 classes but 7 labels were given" in err
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_empty_calibration_dir(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    (tmp_path / "photos").mkdir()
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--calibration-dir", tmp_path / "photos")
+    assert code == 1
+    assert "calibration directory is empty" in err
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_unreadable_calibration_dir(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    photos = write_photo_dir(tmp_path / "photos", 0, broken=3)
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--calibration-dir", photos)
+    assert code == 1
+    assert "no readable images in calibration directory" in err and "3 unreadable files skipped" in err
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_missing_calibration_dir(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--calibration-dir", tmp_path / "nope")
+    assert code == 1
+    assert "calibration directory not found" in err
+
+
+def test_failure_mid_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import convert.golden
+
+    def broken(*args, **kwargs):
+        raise ConvertError("injected failure")
+
+    monkeypatch.setattr(convert.golden, "write_golden", broken)
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    assert (code, err.strip().splitlines()[-1]) == (1, "convert: error: injected failure")
+    assert_nothing_written(tmp_path / "models")
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ["--name", "--out", "--version", "--calibration-dir", "--labels", "--arch", "--trust-checkpoint",
+                   "--allow-degraded", "--fp16", "--holdout-fraction", "--max-calibration-images",
+                   "--calibration-methods", "--synthetic-images", "python -m convert demo"]:
+        assert option in text
+
+
+# --- full conversions ---------------------------------------------------------------
+
+
+def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    photos = write_photo_dir(tmp_path / "photos", 12, broken=1)
+    code, out, err = run(capsys, path, "--name", "clinic", "--out", tmp_path / "models", *FAST,
+                         "--calibration-dir", photos, "--calibration-methods", "MinMax", "--allow-degraded")
+    assert code == 0, err
+    assert "skipped 1 unreadable file(s)" in err
+    version = tmp_path / "models" / "clinic" / "1"
+    manifest = load_manifest(version)
+    assert set(manifest["artifacts"]) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    assert (manifest["name"], manifest["version"], manifest["demo"], manifest["labels"]) == ("clinic", 1, False, LABELS)
+    assert manifest["input"] == {"name": "input", "shape": [-1, 3, 224, 224], "dtype": "float32", "layout": "NCHW"}
+    assert manifest["output"] == {"name": "probabilities", "shape": [-1, 3], "dtype": "float32"}
+    assert manifest["source"]["form"] == "model_state_dict" and manifest["source"]["head"] == "fc.1"
+    int8 = manifest["artifacts"]["onnx-int8"]
+    assert int8["calibration"]["images"] + int8["parity"]["images"] == 12
+    assert int8["calibration"]["method"] == "MinMax" and int8["calibration"]["skipped_unreadable"] == 1
+    assert isinstance(int8["kept_float_nodes"], list)
+    assert_hashes(version, manifest)
+    assert_bars(manifest)
+    for key in manifest["artifacts"]:
+        assert key in out  # the parity table
+    assert not [p for p in (tmp_path / "models" / "clinic").iterdir() if p.name != "1"]
+
+    # The next conversion gets the next version.
+    code, out, err = run(capsys, path, "--name", "clinic", "--out", tmp_path / "models", *FAST)
+    assert code == 0, err
+    assert load_manifest(tmp_path / "models" / "clinic" / "2")["version"] == 2
+    assert "INT8 skipped" in err
+    code, out, err = run(capsys, path, "--name", "clinic", "--out", tmp_path / "models", *FAST, "--version", "1")
+    assert code == 1 and "already exists" in err
+
+
+@pytest.mark.parametrize("form", ["torchscript", "module"])
+def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
+    model = make_resnet18(head="fc")
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, form)
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--trust-checkpoint", "--fp16")
+    assert code == 0, err
+    version = tmp_path / "models" / "m" / "1"
+    manifest = load_manifest(version)
+    assert manifest["source"]["form"] == form
+    assert set(manifest["artifacts"]) == {"onnx-fp32", "openvino-fp32", "openvino-fp16"}
+    assert_hashes(version, manifest)
+    assert_bars(manifest)
+    # Golden vectors: what PyTorch answers through the reference preprocessing.
+    golden = manifest["golden"]
+    assert 5 <= len(golden) <= 8
+    tensors = np.stack([preprocess_file(version / g["file"]) for g in golden])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(tensors)), 1).numpy()
+    np.testing.assert_allclose(np.array([g["probabilities"] for g in golden]), expected, atol=1e-5)
+    for key, runner in [("onnx-fp32", onnx_runner(version / "model.onnx")),
+                        ("openvino-fp32", openvino_runner(version / "openvino/fp32/model.xml"))]:
+        got = runner(tensors)
+        assert np.max(np.abs(got - expected)) <= 1e-4, key
+        assert got.shape == (len(golden), 3)
+    with Image.open(version / golden[0]["file"]) as image:
+        assert image.getexif().get(0x0112) is None

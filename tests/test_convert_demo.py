@@ -1,0 +1,99 @@
+"""The demo model, built once per session end to end: a full ResNet50 through every artifact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convert.__main__ import main
+from convert.demo import DEMO_SEED, build_demo, synthetic_photos
+from convert.golden import margin
+from convert.images import preprocess_file
+from convert.runtimes import onnx_runner, openvino_runner
+
+from .convert_helpers import assert_bars, assert_hashes, load_manifest
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("models"))
+
+
+def test_demo_manifest(demo_dir):
+    manifest = load_manifest(demo_dir)
+    assert demo_dir.parts[-2:] == ("demo", "1")
+    assert (manifest["name"], manifest["version"], manifest["demo"]) == ("demo", 1, True)
+    assert manifest["labels"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert manifest["source"]["form"] == "model_state_dict"
+    assert (manifest["source"]["arch"], manifest["source"]["head"], manifest["source"]["seed"]) == ("resnet50", "fc.1", DEMO_SEED)
+    assert len(manifest["source"]["sha256"]) == 64
+    assert set(manifest["artifacts"]) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    assert_hashes(demo_dir, manifest)
+    assert_bars(manifest)
+
+
+def test_demo_meets_every_parity_bar(demo_dir):
+    artifacts = load_manifest(demo_dir)["artifacts"]
+    for key, artifact in artifacts.items():
+        assert artifact["parity"]["passed"] and not artifact["degraded"], key
+        assert artifact["parity"]["images"] == 100
+    assert artifacts["onnx-int8"]["parity"]["top1_agreement"] >= 0.99
+    assert artifacts["openvino-int8"]["parity"]["top1_agreement"] >= 0.99
+
+
+def test_demo_answers_vary_with_the_input(demo_dir):
+    run = onnx_runner(demo_dir / "model.onnx")
+    from convert.images import preprocess
+
+    probs = run(preprocess(synthetic_photos(16, 99)))
+    assert len(set(probs.argmax(1).tolist())) >= 3
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_demo_golden_vectors(demo_dir):
+    manifest = load_manifest(demo_dir)
+    golden = manifest["golden"]
+    assert 5 <= len(golden) <= 8
+    suffixes = [g["file"].rsplit(".", 1)[1] for g in golden]
+    assert "png" in suffixes and suffixes.count("jpg") > len(golden) / 2
+    sizes = []
+    for g in golden:
+        with Image.open(demo_dir / g["file"]) as image:
+            sizes.append(max(image.size))
+            assert image.getexif().get(0x0112) is None  # no EXIF orientation
+        assert margin(np.array(g["probabilities"])) >= 0.05
+    assert max(sizes) >= 2000
+    tensors = np.stack([preprocess_file(demo_dir / g["file"]) for g in golden])
+    expected = np.array([g["probabilities"] for g in golden])
+    runners = {
+        "onnx-fp32": onnx_runner(demo_dir / "model.onnx"),
+        "onnx-int8": onnx_runner(demo_dir / "model.int8.onnx"),
+        "openvino-fp32": openvino_runner(demo_dir / "openvino/fp32/model.xml"),
+        "openvino-int8": openvino_runner(demo_dir / "openvino/int8/model.xml"),
+    }
+    for key, runner in runners.items():
+        got = runner(tensors)
+        limit = manifest["artifacts"][key]["selfcheck_max_abs_dp"]
+        assert np.max(np.abs(got - expected)) <= limit, key
+        assert (got.argmax(1) == expected.argmax(1)).all(), key
+
+
+def test_demo_refuses_an_existing_version(demo_dir, capsys):
+    assert main(["demo", "--out", str(demo_dir.parents[1])]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_synthetic_photos_are_deterministic():
+    first = synthetic_photos(3, 5, (64, 48))
+    again = synthetic_photos(4, 5, (64, 48))
+    assert [im.size for im in first] == [(64, 48)] * 3
+    for a, b in zip(first, again):
+        assert a.tobytes() == b.tobytes()
+    assert first[0].tobytes() != synthetic_photos(1, 6, (64, 48))[0].tobytes()
+
+
+def test_demo_checkpoint_is_deterministic(demo_dir):
+    from convert.demo import checkpoint_sha256, make_demo_checkpoint
+
+    assert checkpoint_sha256(make_demo_checkpoint()) == load_manifest(demo_dir)["source"]["sha256"]
