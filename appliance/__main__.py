@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import ssl
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import Config, api_key, load_config
-from .errors import ApplianceError
+from .config import Config, load_config
+from .errors import ApplianceError, ConfigError
 
 DEFAULT_CONFIG_HELP = "the TOML config (default: $APPLIANCE_CONFIG, else ./config.toml if present, else built-in defaults)"
 
@@ -45,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="log verbosity (default INFO)")
+    serve.add_argument("--log-format", default="json", choices=["json", "text"],
+                       help="json: one JSON object a line, one line per request (default); text: for a terminal")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve a non-loopback address without any API key (same as server.allow_insecure)")
 
     check = commands.add_parser(
         "check-config",
@@ -53,6 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest; print a summary and exit 0, or one line naming the problem and exit 1. Fit for ExecStartPre=.",
     )
     check.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
+
+    legacy = commands.add_parser(
+        "import-legacy",
+        help="import the old back end's storage root (plain or encrypted) into the configured store",
+        description="Read STORAGE_ROOT in the old back end's layout (<user>/<image_id>.jpg or .bin, metadata.jsonl, "
+        "case_counter.json) and store its images, image records, case records and case counters in the configured "
+        "store through the Store API. Idempotent: images and cases the store already has are skipped, counters "
+        "are only raised. Prints the counts and every line or file it could not read (path:line and why). "
+        "Exit status: 0 when everything was read, 1 when anything could not be (or on an error). "
+        "Stop the server first: the store is locked while it runs.",
+    )
+    legacy.add_argument("storage_root", metavar="STORAGE_ROOT", help="the old back end's STORAGE_ROOT")
+    legacy.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
+    legacy.add_argument("--key-file", metavar="PATH", type=Path,
+                        help="file holding the old store's key (URL-safe base64), when it was encrypted; "
+                        "default: DATA_ENCRYPTION_KEY, DATA_ENCRYPTION_KEY_FILE, then the configured key")
+
+    sync = commands.add_parser(
+        "sync",
+        help="drain the sync outbox once (--once), or show its status (status)",
+        description="`appliance sync --once` uploads every waiting job now (ignoring retry times) and exits 0 when "
+        "the outbox is empty, 1 at the first upload that fails (printed). Stop the server first: the store is "
+        "locked while it runs. `appliance sync status` prints the backlog, oldest pending, bytes pending and last "
+        "error as JSON, read-only (works while the server runs).",
+    )
+    sync.add_argument("action", nargs="?", choices=["status"], help="show the outbox's status and exit")
+    sync.add_argument("--once", action="store_true", help="drain until empty (exit 0) or an error (exit 1)")
+    sync.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
 
     commands.add_parser(
         "convert",
@@ -76,10 +107,42 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(_config_path(args.config))
         if args.command == "check-config":
             return check_config(config)
+        if args.command == "import-legacy":
+            return import_legacy(config, args)
+        if args.command == "sync":
+            from .sync.commands import sync_command
+
+            return sync_command(config, status=args.action == "status", once=args.once)
         return serve(config, args)
     except ApplianceError as exc:
         print(f"appliance: error: {exc.detail}", file=sys.stderr)
         return 1
+
+
+def import_legacy(config: Config, args: argparse.Namespace) -> int:
+    """`appliance import-legacy`: print counts and unreadable lines; 0 only when everything was read."""
+    from .legacy import import_legacy as run_import
+    from .legacy import source_sealer
+    from .storage import open_store
+    from .storage.crypto import load_sealer
+
+    sealer = source_sealer(args.key_file, config.storage.key_file)
+    store = open_store(
+        config.storage.backend,
+        config.storage.root,
+        case_id_start=config.storage.case_id_start,
+        sealer=load_sealer(config.storage.encrypt, config.storage.key_file),
+    )
+    try:
+        report = run_import(
+            Path(args.storage_root), store, sealer=sealer, strip_metadata=config.privacy.strip_metadata_on_store
+        )
+    finally:
+        store.close()
+    for problem in report.problems:
+        print(f"appliance: cannot read {problem}", file=sys.stderr)
+    print(f"imported {args.storage_root} into {config.storage.backend} store {config.storage.root}: {report.summary()}")
+    return 1 if report.problems else 0
 
 
 def check_config(config: Config) -> int:
@@ -89,7 +152,12 @@ def check_config(config: Config) -> int:
     directory = resolve_model_dir(config.model.path)
     manifest = read_manifest(directory)
     artifact = choose_artifact(manifest, runtime_class(config.runtime.backend).formats, config.model.artifact)
-    api_key(config)
+    from .security import load_api_keys
+
+    load_api_keys(config)
+    from .storage.crypto import load_sealer
+
+    load_sealer(config.storage.encrypt, config.storage.key_file)  # a missing or malformed key fails here
     print(f"config OK: model {manifest.name} v{manifest.version} ({artifact.key}{', DEMO' if manifest.demo else ''}) "
           f"from {directory}; runtime {config.runtime.backend}; store {config.storage.backend} at {config.storage.root}; "
           f"listening on {config.server.host}:{config.server.port}")
@@ -99,34 +167,45 @@ def check_config(config: Config) -> int:
 def serve(config: Config, args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from . import systemd
     from .app import create_app
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .limits import server_options
+    from .logs import configure_logging
+    from .security import is_loopback, load_api_keys, tls_context
+
+    configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    key = api_key(config)
-    if not key:
-        logging.getLogger("appliance").warning("no API key configured: the API is open to anyone who can reach %s:%d", host, port)
-    ssl_context = None
-    if config.server.tls_cert_file is not None and config.server.tls_key_file is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ssl_context.load_cert_chain(config.server.tls_cert_file, config.server.tls_key_file)
-        except (OSError, ssl.SSLError) as exc:
-            print(f"appliance: error: server.tls_cert_file/tls_key_file: cannot load: {exc}", file=sys.stderr)
-            return 1
-    app = create_app(config, api_key=key)
+    keys = load_api_keys(config)
+    if not keys and not is_loopback(host) and not (args.insecure or config.server.allow_insecure):
+        raise ConfigError(f"refusing to serve {host}:{port} without an API key: set [auth] keys_file, API_KEY or "
+                          "the api-keys credential, or pass --insecure (server.allow_insecure = true)")
+    if keys:
+        logging.getLogger("appliance").info("API keys required: %s (from %s)", ", ".join(keys.names),
+                                            ", ".join(keys.sources))
+    else:
+        logging.getLogger("appliance").warning("no API key configured: the API is open to anyone who can reach %s:%d",
+                                               host, port)
+    ssl_context = tls_context(config)
+    app = create_app(config, api_keys=keys)
+    service = systemd.attach(app)  # READY=1, STATUS=, WATCHDOG=1, STOPPING=1 under systemd; else no-op
+    url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
+
+    def serving(_: str) -> None:
+        # run_app calls this once every socket is bound: the moment /ready can answer 200.
+        logging.getLogger("appliance").info("serving on %s", url)
+        service.serving(url)
+
     web.run_app(
         app,
         host=host,
         port=port,
         ssl_context=ssl_context,
         shutdown_timeout=config.server.shutdown_timeout_s,
-        access_log=logging.getLogger("appliance.access"),
-        print=lambda _: logging.getLogger("appliance").info(
-            "serving on %s://%s:%d", "https" if ssl_context else "http", host, port
-        ),
+        access_log=None,  # appliance.api.monitoring logs one line per request, with its id
+        print=serving,
+        **server_options(config.server),
     )
     return 0
 

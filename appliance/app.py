@@ -1,31 +1,42 @@
 """The application factory: routes, middlewares and each resource's lifetime.
 
 Start-up order (each a cleanup context, so aiohttp tears down in reverse and
-only what started): executors, store, model (load, warm up, self-check),
-scheduler, then the clinic service and readiness. Shutdown: aiohttp stops
-accepting and drains in-flight requests (`server.shutdown_timeout_s`), then
-readiness drops, the scheduler stops, the runtime is released, the store is
-flushed and closed, and the threads end.
+only what started): executors, store, sync worker (when enabled), model
+(fetched from model.url if set; load, warm up, self-check), scheduler, then
+the clinic service and readiness. Shutdown: aiohttp stops accepting and
+drains in-flight requests (`server.shutdown_timeout_s`), then readiness
+drops, the scheduler stops, the runtime is released, sync finishes its
+in-flight uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the
+store is flushed and closed, and the threads end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from .api import clinic, ops
+from .api import clinic, kserve, openapi, ops
 from .config import Config
-from .errors import ApplianceError, PayloadTooLarge, Unauthorized
+from .errors import ApplianceError, PayloadTooLarge
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import CLINIC, CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, Executors, State
 from .services import Clinic
 from .storage import open_store
+# Hardening and monitoring (issue 5): guards, metrics, logs, status page.
+from .api import guards, monitoring
+from .keys import API_KEYS, BODY_SLOTS, METRICS, RATE_LIMITER
+from .limits import BodySlots, RateLimiter
+from .metrics import Metrics
+from .security import ApiKeys, load_api_keys
+from .storage.crypto import load_sealer
+# Sync to a bucket and models from a bucket (issue 4).
+from .keys import SYNC
+from .modelfetch import model_source
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Reachable without an API key: liveness and readiness probes.
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# KServe v2 probes and the API description (a separate block: issue 5's KServe part).
+PUBLIC_PATHS |= {"/v2/health/live", "/v2/health/ready", "/openapi.json"}
+
+
+def _error_body(request: web.Request, detail: str) -> dict[str, str]:
+    """`{"detail": ...}` (the clinic contract), but `{"error": ...}` on KServe v2 paths (its protocol)."""
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        return {"error": detail}
+    return {"detail": detail}
 
 
 @web.middleware
@@ -43,46 +63,54 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApplianceError as exc:
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.path, exc.detail)
-        return web.json_response({"detail": exc.detail}, status=exc.status, headers=exc.headers)
+        return web.json_response(_error_body(request, exc.detail), status=exc.status, headers=exc.headers)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].server.max_body_bytes
         detail = PayloadTooLarge(f"Request body too large (limit {limit} bytes)").detail
-        return web.json_response({"detail": detail}, status=413)
+        return web.json_response(_error_body(request, detail), status=413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return web.json_response({"detail": exc.reason}, status=exc.status, headers=headers)
+        return web.json_response(_error_body(request, exc.reason), status=exc.status, headers=headers)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("%s %s: unhandled error", request.method, request.path)
-        return web.json_response({"detail": "Internal server error"}, status=500)
+        return web.json_response(_error_body(request, "Internal server error"), status=500)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check X-API-Key when a key is configured (constant-time compare)."""
-    expected = request.app[STATE].api_key
-    if expected and request.path not in PUBLIC_PATHS:
-        given = request.headers.get("X-API-Key", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Unauthorized("Invalid API key")
-    return await handler(request)
+def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Application:
+    """Build the appliance's aiohttp application; resources start when it starts.
 
-
-def create_app(config: Config, *, api_key: str = "") -> web.Application:
-    """Build the appliance's aiohttp application; resources start when it starts."""
+    `api_keys` None reads them as `appliance serve` does (`load_api_keys`).
+    """
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[
+            monitoring.request_middleware,  # outermost: sees the final status of every answer
+            error_middleware,
+            guards.auth_middleware(PUBLIC_PATHS | monitoring.PUBLIC_PATHS),
+            guards.rate_limit_middleware,
+            guards.body_slots_middleware,
+            sync_budget_middleware,
+        ],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
-    app[STATE] = State(api_key=api_key)
+    app[STATE] = State()
+    app[API_KEYS] = load_api_keys(config) if api_keys is None else api_keys
+    app[METRICS] = Metrics()
+    app[BODY_SLOTS] = BodySlots(config.limits.max_concurrent_bodies)
+    if config.limits.requests_per_minute > 0:
+        app[RATE_LIMITER] = RateLimiter(config.limits.requests_per_minute, config.limits.burst)
+    app.add_routes(monitoring.routes)
     app.add_routes(clinic.routes)
     app.add_routes(ops.routes)
-    app.cleanup_ctx.extend([_executors, _store, _model, _scheduler, _clinic])
+    app.add_routes(kserve.routes)
+    app.add_routes(openapi.routes)
+    app.cleanup_ctx.extend([_executors, _store, _sync, _model, _scheduler, _clinic])
     app.on_shutdown.append(_not_ready)
+    guards.setup_cors(app, config.server.allowed_origins)  # last: it covers every route added above
     return app
 
 
@@ -104,7 +132,13 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     store = await loop.run_in_executor(
         app[EXECUTORS].store,
-        lambda: open_store(config.backend, config.root, case_id_start=config.case_id_start),
+        lambda: open_store(
+            config.backend,
+            config.root,
+            case_id_start=config.case_id_start,
+            sealer=load_sealer(config.encrypt, config.key_file),  # encryption at rest, or pass-through
+            outbox=app[CONFIG].sync.enabled,  # sync: every write also commits its outbox job
+        ),
     )
     app[STORE] = store
     yield
@@ -117,7 +151,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     model = await loop.run_in_executor(
         app[EXECUTORS].inference,
         lambda: load_model(
-            config.model.path,
+            model_source(config.model, config.bucket),  # model.path, or model.url fetched and verified
             config.model.artifact,
             config.runtime.backend,
             config.runtime.selected,
@@ -139,6 +173,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         max_batch=config.max_batch,
         max_wait_s=config.max_wait_ms / 1000.0,
         queue_size=config.queue_size,
+        on_batch=app[METRICS].observe_batch,
     )
     scheduler.start()
     app[SCHEDULER] = scheduler
@@ -155,6 +190,8 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
         app[CONFIG].imaging,
         decode_executor=executors.decode,
         store_executor=executors.store,
+        strip_metadata=app[CONFIG].privacy.strip_metadata_on_store,
+        observe=app[METRICS].observe_stage,
     )
     app[STATE].ready = True
     yield
@@ -163,3 +200,32 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
 
 async def _not_ready(app: web.Application) -> None:
     app[STATE].ready = False
+
+
+# -- sync to a bucket (appliance/sync/) ------------------------------------------
+
+
+async def _sync(app: web.Application) -> AsyncIterator[None]:
+    """Start the drain task after the store; on shutdown flush in-flight uploads before the store closes."""
+    config = app[CONFIG]
+    if not config.sync.enabled:
+        yield
+        return
+    from .sync.worker import create_worker
+
+    loop = asyncio.get_running_loop()
+    worker = await loop.run_in_executor(app[EXECUTORS].store, create_worker, config, app[STORE])
+    app[SYNC] = worker
+    worker.start()
+    log.info("sync: uploading to %s as box %s", config.sync.url, worker.box_id)
+    yield
+    await worker.stop(config.sync.shutdown_timeout_s)
+
+
+@web.middleware
+async def sync_budget_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With sync over its disk budget and `when_over_budget = "refuse"`, new images get 507."""
+    worker = request.app.get(SYNC)
+    if worker is not None and request.method == "POST" and request.path == "/check-image":
+        worker.check_budget()
+    return await handler(request)

@@ -35,11 +35,34 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key_file: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     shutdown_timeout_s: float = 10.0
+    # Hardening (appliance/security.py, appliance/api/guards.py): see config.toml.
+    allow_insecure: bool = False
+    allowed_origins: tuple[str, ...] = ("*",)
+    max_json_bytes: int = 1024 * 1024
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    idle_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Where named API keys are read from (besides API_KEY and the systemd credential)."""
+
+    keys_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-client rate limits and the bound on requests holding a body in memory."""
+
+    requests_per_minute: int = 0
+    burst: int = 60
+    max_concurrent_bodies: int = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,9 @@ class ModelConfig:
 
     path: Path = Path("models/demo")
     artifact: str = "auto"
+    # A model directory in a bucket (MODEL_URL), fetched into cache_dir at start (appliance/modelfetch.py).
+    url: str = ""
+    cache_dir: Path = Path("models/cache")
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,44 @@ class StorageConfig:
     backend: str = "sqlite"
     root: Path = Path("data")
     case_id_start: int = 10000
+    # Encryption at rest (appliance/storage/crypto.py); the key itself never sits in config.
+    encrypt: bool = False
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What is removed from images before they are kept (appliance/privacy.py)."""
+
+    strip_metadata_on_store: bool = True
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """How the appliance reaches its buckets (sync.url, model.url); secrets only by path or environment."""
+
+    endpoint: str = ""
+    region: str = ""
+    account: str = ""
+    credentials_file: Path | None = None
+    allow_http: bool = False
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Store-and-forward upload of images and records to a bucket (appliance/sync/)."""
+
+    enabled: bool = False
+    url: str = ""
+    box_id: str = ""
+    max_concurrency: int = 4
+    poll_interval_s: float = 2.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    disk_budget_bytes: int = 0
+    when_over_budget: Literal["refuse", "accept"] = "refuse"
+    shutdown_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -97,11 +161,16 @@ class Config:
     """The whole appliance configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     imaging: ImagingConfig = field(default_factory=ImagingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    bucket: BucketConfig = field(default_factory=BucketConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 # The old back end's variables and the key each one sets.
@@ -116,11 +185,14 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "BACKSERVER_PORT": ("server", "port"),
     "TLS_CERT_FILE": ("server", "tls_cert_file"),
     "TLS_KEY_FILE": ("server", "tls_key_file"),
+    "ALLOWED_ORIGINS": ("server", "allowed_origins"),  # comma list; API_KEY is read by security.py
+    "ENCRYPT_STORAGE": ("storage", "encrypt"),  # 1/true/yes; DATA_ENCRYPTION_KEY is read by storage/crypto.py
+    "MODEL_URL": ("model", "url"),  # a bucket URL (appliance/modelfetch.py)
 }
 
 # Old variables this release does not implement yet: refusing to start beats
 # silently running without what the clinic asked for (e.g. unencrypted storage).
-UNSUPPORTED_LEGACY_ENV = ("ENCRYPT_STORAGE", "DATA_ENCRYPTION_KEY", "MODEL_URL")
+UNSUPPORTED_LEGACY_ENV: tuple[str, ...] = ()
 
 # MODEL_DEVICE of the old server, mapped onto our runtime settings.
 MODEL_DEVICE_PROVIDERS = {
@@ -198,14 +270,56 @@ def _check_choices(config: Config) -> None:
         "inference.queue_size": config.inference.queue_size,
         "inference.decode_threads": config.inference.decode_threads,
         "imaging.max_pixels": config.imaging.max_pixels,
+        "server.max_json_bytes": config.server.max_json_bytes,
+        "server.max_header_bytes": config.server.max_header_bytes,
+        "server.max_headers": config.server.max_headers,
+        "limits.burst": config.limits.burst,
+        "limits.max_concurrent_bodies": config.limits.max_concurrent_bodies,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected a positive number; got {value!r}")
+    for key, seconds in {"server.idle_timeout_s": config.server.idle_timeout_s,
+                         "server.body_timeout_s": config.server.body_timeout_s}.items():
+        if seconds <= 0:
+            raise ConfigError(f"{key}: expected a positive number of seconds; got {seconds!r}")
+    if config.limits.requests_per_minute < 0:
+        raise ConfigError(f"limits.requests_per_minute: expected 0 (off) or more; got {config.limits.requests_per_minute!r}")
+    _check_sync(config)
     if not 0.0 <= config.imaging.conf_threshold <= 1.0:
         raise ConfigError(f"imaging.conf_threshold: expected a number from 0 to 1; got {config.imaging.conf_threshold!r}")
     if (config.server.tls_cert_file is None) != (config.server.tls_key_file is None):
         raise ConfigError("server.tls_cert_file and server.tls_key_file: expected both or neither")
+
+
+def _check_sync(config: Config) -> None:
+    """The [sync], [bucket] and model.url keys (appliance/sync/)."""
+    from .sync.targets import check_url
+
+    sync = config.sync
+    if sync.enabled:
+        if not sync.url:
+            raise ConfigError("sync.url: expected a bucket URL (s3://, gs://, az:// or https://) when sync.enabled = true")
+        check_url(sync.url, "sync.url")
+    if config.model.url:
+        check_url(config.model.url, "model.url")
+    if sync.box_id and not all(c.isascii() and (c.isalnum() or c in "-_") for c in sync.box_id):
+        raise ConfigError(f"sync.box_id: expected letters, digits, '-' and '_'; got {sync.box_id!r}")
+    if sync.max_concurrency < 1:
+        raise ConfigError(f"sync.max_concurrency: expected a positive number; got {sync.max_concurrency!r}")
+    if sync.disk_budget_bytes < 0:
+        raise ConfigError(f"sync.disk_budget_bytes: expected 0 (no budget) or more; got {sync.disk_budget_bytes!r}")
+    # The issue's bound: retries at most 5 minutes apart, whatever the config says.
+    if not 0 < sync.retry_base_s <= sync.retry_max_s <= 300:
+        raise ConfigError(
+            f"sync.retry_base_s, sync.retry_max_s: expected 0 < base <= max <= 300 seconds;"
+            f" got {sync.retry_base_s!r}, {sync.retry_max_s!r}"
+        )
+    for key, seconds in {"sync.poll_interval_s": sync.poll_interval_s,
+                         "sync.shutdown_timeout_s": sync.shutdown_timeout_s,
+                         "bucket.timeout_s": config.bucket.timeout_s}.items():
+        if seconds <= 0:
+            raise ConfigError(f"{key}: expected a positive number of seconds; got {seconds!r}")
 
 
 def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:
@@ -348,15 +462,3 @@ def _set(raw: dict[str, Any], path: list[str], value: Any) -> None:
         table = nxt
     table[path[-1]] = value
 
-
-def api_key(config: Config, environ: Mapping[str, str] | None = None) -> str:
-    """The configured API key ('' when the API is open): `API_KEY`, else the key file."""
-    environ = os.environ if environ is None else environ
-    if environ.get("API_KEY", "").strip():
-        return environ["API_KEY"].strip()
-    if config.server.api_key_file is None:
-        return ""
-    try:
-        return config.server.api_key_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"server.api_key_file: cannot read {config.server.api_key_file}: {exc.strerror}") from None

@@ -49,6 +49,12 @@ class NotFound(ApplianceError):
     status = 404
 
 
+class RequestTimeout(ApplianceError):
+    """The client did not send its body within `server.body_timeout_s` (408)."""
+
+    status = 408
+
+
 class PayloadTooLarge(ApplianceError):
     """The body or the image's pixel count is over its cap (413)."""
 
@@ -67,6 +73,15 @@ class UnprocessableEntity(ApplianceError):
     status = 422
 
 
+class TooManyRequests(ApplianceError):
+    """The client spent its rate limit (429)."""
+
+    status = 429
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
 class Overloaded(ApplianceError):
     """The inference queue is full or the model is not ready (503)."""
 
@@ -80,3 +95,9 @@ class StoreError(ApplianceError):
     """A durable write or read failed; nothing half-done was left behind (500)."""
 
     status = 500
+
+
+class InsufficientStorage(ApplianceError):
+    """The unsynced sync backlog is over `sync.disk_budget_bytes` and the policy is to refuse (507)."""
+
+    status = 507

@@ -11,8 +11,12 @@ from aiohttp import web
 from .config import Config
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
+from .limits import BodySlots, RateLimiter
+from .metrics import Metrics
+from .security import ApiKeys
 from .services import Clinic
 from .storage import Store
+from .sync.worker import SyncWorker
 
 
 @dataclass
@@ -30,7 +34,6 @@ class State:
 
     started_at: float = field(default_factory=time.time)
     ready: bool = False
-    api_key: str = ""
 
 
 CONFIG = web.AppKey("config", Config)
@@ -40,3 +43,13 @@ STORE = web.AppKey("store", Store)
 MODEL = web.AppKey("model", LoadedModel)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 CLINIC = web.AppKey("clinic", Clinic)
+
+# Hardening and monitoring (appliance/security.py, limits.py, metrics.py).
+API_KEYS = web.AppKey("api_keys", ApiKeys)
+METRICS = web.AppKey("metrics", Metrics)
+BODY_SLOTS = web.AppKey("body_slots", BodySlots)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # absent when limits.requests_per_minute = 0
+# Per request: its id (echoed as X-Request-Id) and the name of the API key it presented.
+REQUEST_ID = web.RequestKey("request_id", str)
+KEY_NAME = web.RequestKey("key_name", str)
+SYNC = web.AppKey("sync", SyncWorker)  # present only when sync.enabled

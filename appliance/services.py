@@ -9,6 +9,7 @@ call to the single store-writer thread.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import imaging
+from . import imaging, privacy
 from .config import ImagingConfig
 from .errors import BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
@@ -88,6 +89,8 @@ class Clinic:
         *,
         decode_executor: Executor,
         store_executor: Executor,
+        strip_metadata: bool = True,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.model = model
         self.scheduler = scheduler
@@ -95,7 +98,10 @@ class Clinic:
         self.imaging = imaging_config
         self._decode_executor = decode_executor
         self._store_executor = store_executor
+        self.strip_metadata = strip_metadata  # privacy.strip_metadata_on_store
         self._model_info = model.describe()
+        # Metrics hook: (stage, seconds) for decode, inference and storage.
+        self.observe = observe or (lambda stage, seconds: None)
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
@@ -106,6 +112,7 @@ class Clinic:
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         decoded = await loop.run_in_executor(
             self._decode_executor,
             lambda: imaging.decode(
@@ -115,7 +122,14 @@ class Clinic:
                 blur_full_resolution=self.imaging.blur_full_resolution,
             ),
         )
+        self.observe("decode", time.monotonic() - started)
+        # Stripped after decoding, which read the orientation from the original
+        # (stripping keeps it anyway); what is stored and counted is the stripped copy.
+        if self.strip_metadata:
+            data = await loop.run_in_executor(self._decode_executor, _strip, data, image_format)
+        started = time.monotonic()
         probabilities = await self.scheduler.infer(decoded.tensor)
+        self.observe("inference", time.monotonic() - started)
         predictions = self.rank(probabilities)
         if case_id is None:
             case_id = await self._in_store(self.store.next_case_id, caller.user_id)
@@ -140,7 +154,9 @@ class Clinic:
             "bytes": len(data),
         }
         stored = StoredImage(image_id=image_id, data=data, suffix=SUFFIXES[image_format])
+        started = time.monotonic()
         await self._in_store(self.store.save_image, caller.user_id, stored, record)
+        self.observe("storage", time.monotonic() - started)
         message = "Image processed" if sharp else f"Image is too blurry (score={blur_score:.2f}, threshold={threshold})"
         return {
             "status": record["status"],
@@ -190,6 +206,8 @@ class Clinic:
 
     async def update_case(self, caller: Caller, case_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Update the latest case/uncertain record of that id; an admin may name the user."""
+        if not is_case_id(case_id):
+            raise BadRequest("Invalid case_id")
         owner = caller.user_id
         if caller.is_admin and isinstance(body.get("user_id"), str) and body["user_id"].strip():
             owner = sanitize_user_id(body["user_id"]) or owner
@@ -216,6 +234,15 @@ class Clinic:
                 include_rejected=include_rejected,
             )
         )
+
+
+def _strip(data: bytes, image_format: str) -> bytes:
+    """The image without its location and device metadata; 400 when its structure is broken."""
+    try:
+        return privacy.strip_metadata(data, image_format)
+    except privacy.MetadataError:
+        # Storing it unstripped could keep a location the clinic asked to remove.
+        raise BadRequest("Invalid image file") from None
 
 
 def sanitize_user_id(raw: str) -> str:

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from appliance.app import create_app
 from appliance.keys import STORE
+from appliance.security import ApiKeys
 from appliance.storage import BACKENDS
 
 from .conftest import LABELS, encode, photo, reference_probabilities
@@ -276,7 +277,7 @@ async def test_pixel_cap(aiohttp_client: Any, make_config: Any) -> None:
 
 
 async def test_api_key(aiohttp_client: Any, make_config: Any) -> None:
-    client = await aiohttp_client(create_app(make_config(), api_key="s3cret"))
+    client = await aiohttp_client(create_app(make_config(), api_keys=ApiKeys.of({"phones": "s3cret"})))
     assert (await client.get("/health")).status == 200
     for headers in ({}, {"X-API-Key": "wrong"}):
         response = await client.post("/cases/next-id", headers=headers)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import Config, api_key, load_config, parse_config
+from appliance.config import load_config, parse_config
 from appliance.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,7 @@ def test_shipped_config_equals_the_defaults() -> None:
     assert shipped.model.path == ROOT / "models/demo"
     assert shipped.storage.root == ROOT / "data"
     assert shipped.server == defaults.server
+    assert (shipped.auth, shipped.limits) == (defaults.auth, defaults.limits)
     assert shipped.runtime == defaults.runtime
     assert (shipped.inference, shipped.imaging) == (defaults.inference, defaults.imaging)
 
@@ -30,8 +31,9 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
     lines = (ROOT / "config.toml").read_text().splitlines()
     defaults = parse_config({})
     tables = {
-        "server": defaults.server, "model": defaults.model, "inference": defaults.inference,
+        "server": defaults.server, "auth": defaults.auth, "limits": defaults.limits, "model": defaults.model, "inference": defaults.inference,
         "imaging": defaults.imaging, "storage": defaults.storage,
+        "bucket": defaults.bucket, "sync": defaults.sync,
         **{f"runtime.{name}": cfg for name, cfg in defaults.runtime.options.items()},
     }
     keys = {table: list(vars(cfg)) for table, cfg in tables.items()}
@@ -46,9 +48,15 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"server": {"prot": 1}}, "server.prot: unknown key (expected one of api_key_file, host, max_body_bytes, port, "
-                                  "shutdown_timeout_s, tls_cert_file, tls_key_file)"),
-        ({"servr": {}}, "servr: unknown key (expected one of imaging, inference, model, runtime, server, storage)"),
+        ({"server": {"prot": 1}}, "server.prot: unknown key (expected one of allow_insecure, allowed_origins, "
+                                  "body_timeout_s, host, idle_timeout_s, max_body_bytes, max_header_bytes, max_headers, "
+                                  "max_json_bytes, port, shutdown_timeout_s, tls_cert_file, tls_key_file)"),
+        ({"limits": {"requests_per_minute": -1}}, "limits.requests_per_minute: expected 0 (off) or more; got -1"),
+        ({"limits": {"max_concurrent_bodies": 0}}, "limits.max_concurrent_bodies: expected a positive number; got 0"),
+        ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s: expected a positive number of seconds; got 0.0"),
+        ({"auth": {"keys": "x"}}, "auth.keys: unknown key (expected one of keys_file)"),
+        ({"servr": {}}, "servr: unknown key (expected one of auth, bucket, imaging, inference, limits, model, privacy, "
+                        "runtime, server, storage, sync)"),
         ({"server": {"port": "eighty"}}, "server.port: expected a whole number; got 'eighty'"),
         ({"server": {"port": 0}}, "server.port: expected a positive number; got 0"),
         ({"runtime": {"openvino": {"device": "gpu0"}}}, "runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'"),
@@ -72,7 +80,9 @@ def test_old_environment_variables_override_the_file(tmp_path: Path) -> None:
         "MODEL_PATH": "/srv/models/ham", "BLUR_THRESHOLD": "55.5", "CONF_THRESHOLD": "0.7",
         "STORAGE_ROOT": "/srv/data", "CASE_ID_START": "500", "BACKSERVER_HOST": "0.0.0.0",
         "BACKSERVER_PORT": "9000", "MODEL_DEVICE": "cuda",
+        "ALLOWED_ORIGINS": "https://app.clinic.example, http://10.0.0.5:8080",
     })
+    assert config.server.allowed_origins == ("https://app.clinic.example", "http://10.0.0.5:8080")
     assert config.model.path == Path("/srv/models/ham")
     assert (config.imaging.blur_threshold, config.imaging.conf_threshold) == (55.5, 0.7)
     assert (config.storage.root, config.storage.case_id_start) == (Path("/srv/data"), 500)
@@ -91,23 +101,15 @@ def test_appliance_variables_override_any_key() -> None:
     assert config.inference.max_batch == 8
 
 
-def test_unsupported_old_variables_refuse_to_start() -> None:
-    with pytest.raises(ConfigError, match="^ENCRYPT_STORAGE is set, but this release does not support it yet; unset it to start$"):
-        load_config(None, environ={"ENCRYPT_STORAGE": "1"})
+def test_model_url_sets_model_url_and_is_checked() -> None:
+    assert load_config(None, environ={"MODEL_URL": "s3://models/derm"}).model.url == "s3://models/derm"
+    with pytest.raises(ConfigError, match=r"^model.url: expected s3://, gs://, az:// or an https URL"):
+        load_config(None, environ={"MODEL_URL": "ftp://models/derm"})
+
+
+def test_bad_old_variables_refuse_to_start() -> None:
     with pytest.raises(ConfigError, match="^MODEL_DEVICE: expected one of cpu, cuda; got 'mps'$"):
         load_config(None, environ={"MODEL_DEVICE": "mps"})
-
-
-def test_api_key_sources(tmp_path: Path) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_text("from-file\n")
-    config = parse_config({"server": {"api_key_file": str(key_file)}})
-    assert api_key(config, environ={}) == "from-file"
-    assert api_key(config, environ={"API_KEY": "from-env"}) == "from-env"
-    assert api_key(Config(), environ={}) == ""
-    missing = parse_config({"server": {"api_key_file": str(tmp_path / "nope")}})
-    with pytest.raises(ConfigError, match=r"^server.api_key_file: cannot read .*nope: No such file or directory$"):
-        api_key(missing, environ={})
 
 
 def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -642,14 +642,14 @@ def test_disk_ignores_a_torn_last_line_on_read(disk_store: Store, root: Path) ->
 def test_disk_keeps_lines_it_cannot_read_and_their_images(root: Path) -> None:
     user_dir = root / USER
     user_dir.mkdir(parents=True)
-    encrypted = b'{"enc": "bm9uY2VjaXBoZXJ0ZXh0", "v": 1}'
-    (user_dir / "metadata.jsonl").write_bytes(encrypted + b"\n")
+    damaged = b'{"image_id": "old-image", "case_id": "1\x00\x00\x00'  # a whole line, but not JSON
+    (user_dir / "metadata.jsonl").write_bytes(damaged + b"\n")
     (user_dir / "old-image.jpg").write_bytes(JPEG)
     store = open_store("disk", root)
     try:
         assert (user_dir / "old-image.jpg").exists()
         store.log_case(USER, case_record("10000"))
-        assert (user_dir / "metadata.jsonl").read_bytes().splitlines()[0] == encrypted
+        assert (user_dir / "metadata.jsonl").read_bytes().splitlines()[0] == damaged
         assert store.list_images(USER) == []
         assert listed(store) == [("10000", "case")]
     finally:
@@ -684,7 +684,7 @@ def test_sqlite_keeps_images_as_files_and_records_in_a_wal_database(sqlite_store
     assert (root / "images" / USER / "img-1.webp").read_bytes() == image_bytes("WEBP")
     with sqlite3.connect(root / "appliance.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert [v for (v,) in conn.execute("SELECT version FROM schema_migrations")] == [1]
+        assert [v for (v,) in conn.execute("SELECT version FROM schema_migrations")] == [1, 2]
         assert conn.execute("SELECT count(*) FROM pending_files").fetchone() == (0,)
         assert conn.execute("SELECT image_id, size_bytes FROM images").fetchall() == [
             ("img-1", len(image_bytes("WEBP")))]
@@ -717,5 +717,5 @@ def test_sqlite_migrations_run_once(sqlite_store: Store, root: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(root / "appliance.db") as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
     conn.close()

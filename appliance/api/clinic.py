@@ -6,12 +6,14 @@ middleware), then X-User-Id (400), then the body (413/415/422/400).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
-from ..errors import BadRequest, PayloadTooLarge, UnprocessableEntity
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG
 from ..services import Caller, sanitize_user_id
 
@@ -28,20 +30,58 @@ def caller(request: web.Request) -> Caller:
     return Caller(user_id=user_id, role=request.headers.get("X-User-Role", "").strip().lower())
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or 422."""
-    raw = await request.read()
+T = TypeVar("T")
+
+
+async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
+    """`reading`, or 408 when the client has not sent its body within `server.body_timeout_s`."""
+    timeout_s = request.app[CONFIG].server.body_timeout_s
     try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+        return await asyncio.wait_for(reading, timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"Request body not received within {timeout_s:g} s") from None
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (at most `server.max_json_bytes`), or 413/422."""
+    server = request.app[CONFIG].server
+    limit = server.max_json_bytes
+    if request.content_length is not None and request.content_length > server.max_body_bytes:
+        raise PayloadTooLarge(f"Request body too large (limit {server.max_body_bytes} bytes)")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"JSON body too large (limit {limit} bytes)")
+    raw = await within_body_timeout(request, _read_json_capped(request, limit))
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested past the stack
         raise UnprocessableEntity("Invalid JSON body") from None
     if not isinstance(body, dict):
         raise UnprocessableEntity("Invalid JSON body: expected an object")
     return body
 
 
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; stored, they would make every later answer invalid JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read_json_capped(request: web.Request, limit: int) -> bytes:
+    # A chunked body has no Content-Length: count as it arrives.
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"JSON body too large (limit {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_upload(request: web.Request) -> tuple[bytes, str | None]:
     """The `file` part's bytes and a `case_id` form field, reading no more than the body cap."""
+    return await within_body_timeout(request, _read_upload(request))
+
+
+async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
     limit = request.app[CONFIG].server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body too large (limit {limit} bytes)")
@@ -54,13 +94,15 @@ async def read_upload(request: web.Request) -> tuple[bytes, str | None]:
         async for part in reader:
             if not isinstance(part, BodyPartReader):
                 continue
-            if part.name == "file" and data is None:
+            if part.name == "file":
+                if data is not None:  # which one would the clinician mean? refuse rather than guess
+                    raise UnprocessableEntity("Only one 'file' part is accepted")
                 data = await _read_capped(part, limit)
             elif part.name == "case_id":
                 form_case_id = (await _read_capped(part, MAX_FIELD_BYTES)).decode("utf-8", "replace").strip()
             else:
                 await part.release()
-    except (ValueError, AssertionError) as exc:  # aiohttp's multipart parser on malformed bodies
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser on malformed bodies
         raise UnprocessableEntity(f"Malformed multipart body: {exc}") from None
     if data is None:
         raise UnprocessableEntity("Field 'file' is required")

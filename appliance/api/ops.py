@@ -10,6 +10,8 @@ from aiohttp import web
 
 from .. import __version__
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
+from ..keys import SYNC
+from ..sync.status import disabled_status
 
 routes = web.RouteTableDef()
 
@@ -26,6 +28,8 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as exc:  # any store failure means not ready; say which
         stats = {"error": str(exc)}
     body = {"status": "ready" if all(checks.values()) else "not ready", "checks": checks, "store": stats}
+    # A status field, never a check: a failing bucket must not take the clinic offline.
+    body["sync"] = sync_status(app)
     if app[STATE].ready:
         body["model"] = app[MODEL].describe()
     if not all(checks.values()):
@@ -56,5 +60,12 @@ async def info(request: web.Request) -> web.Response:
                         "blur_full_resolution": config.imaging.blur_full_resolution,
                         "conf_threshold": config.imaging.conf_threshold, "max_pixels": config.imaging.max_pixels},
             "storage": {"backend": config.storage.backend},
+            "sync": sync_status(app),
         }
     )
+
+
+def sync_status(app: web.Application) -> dict[str, Any]:
+    """The sync worker's numbers (kept current by the worker itself: no I/O here)."""
+    worker = app.get(SYNC)
+    return disabled_status() if worker is None else worker.status()

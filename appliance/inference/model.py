@@ -55,6 +55,9 @@ class Manifest:
     preprocessing: imaging.Preprocessing
     artifacts: dict[str, Artifact]
     golden: tuple[tuple[str, tuple[float, ...]], ...]
+    # The graph's tensor names (the KServe v2 API speaks them).
+    input_name: str = "input"
+    output_name: str = "probabilities"
 
 
 @dataclass
@@ -137,6 +140,8 @@ def read_manifest(directory: Path) -> Manifest:
             preprocessing=imaging.Preprocessing.from_manifest(raw.get("preprocessing", {})),
             artifacts=artifacts,
             golden=golden,
+            input_name=str(raw["input"].get("name", "input")),
+            output_name=str(raw.get("output", {}).get("name", "probabilities")),
         )
     except FileNotFoundError:
         raise ModelError(f"{path}: missing") from None

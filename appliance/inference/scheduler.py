@@ -14,6 +14,7 @@ import asyncio
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class _Job:
 class Scheduler:
     """Turns concurrent single-image requests into batched runtime calls."""
 
-    def __init__(self, runtime: Runtime, executor: Executor, *, max_batch: int, max_wait_s: float, queue_size: int) -> None:
+    def __init__(self, runtime: Runtime, executor: Executor, *, max_batch: int, max_wait_s: float, queue_size: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.runtime = runtime
         self.executor = executor
         self.max_batch = max_batch
@@ -41,6 +43,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.images = 0
+        self.on_batch = on_batch or (lambda size: None)  # metrics hook: each runtime call's batch size
 
     def start(self) -> None:
         """Start the batcher task on the running loop."""
@@ -101,6 +104,7 @@ class Scheduler:
             return
         self.batches += 1
         self.images += len(jobs)
+        self.on_batch(len(jobs))
         for job, row in zip(jobs, outputs):
             if not job.future.done():
                 job.future.set_result(row)

@@ -62,6 +62,9 @@ class Store(Protocol):
     def release_case_id(self, user_id: str, case_id: str) -> dict[str, Any]:
         """Give back the most recently issued id when nothing uses it (contract answer body)."""
 
+    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
+        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
+
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
         """Store the image and its record together, durably, or neither."""
 
@@ -95,6 +98,17 @@ class Store(Protocol):
 
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None (sqlite: StoreError if a record has lost its file)."""
+
+    # The sync outbox (sync/outbox.py): built with `outbox=True`, every image, image
+    # record and case record written also becomes a job in the SQLite file at
+    # `outbox_path`, never later than its data; the worker reads the data back by name.
+    outbox_path: Path
+
+    def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
+        """One image's record as stored now, or None."""
+
+    def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
+        """The case/uncertain/reject record of that case id as stored now, or None."""
 
     def stats(self) -> dict[str, Any]:
         """Counts and sizes for /ready, /v1/info and the status page; cheap to call.

@@ -5,20 +5,26 @@ Layout under the root::
     <user_id>/<image_id>.jpg|.png|.webp
     <user_id>/metadata.jsonl       one JSON record a line; case records carry entry_type
     <user_id>/case_counter.json    {"last_case_id": 10002}
+    outbox.db                      the sync outbox, only with sync on (sync/outbox.py)
 
 Crash safety: an image file lands (temp, fsync, rename, fsync dir) before its
 record line is appended and fsync'd, so the line is the commit point; at open
 a torn last line is cut off and an image file without a record line removed.
 Upserts and updates rewrite metadata.jsonl atomically, as does the counter.
-Lines this store cannot read (the old server's encrypted `{"enc", "v"}` lines,
-damage) are kept byte for byte and make the open-time sweep leave that user's
-image files alone, since it cannot tell which of them have records.
+Lines this store cannot read (damage) are kept byte for byte and make the
+open-time sweep leave that user's image files alone, since it cannot tell
+which of them have records.
+
+With encryption on (storage/crypto.py) images are `<image_id>.bin` and every
+line is `{"enc": ..., "v": 1}`, the old server's encrypted format; a line that
+does not decrypt stops the store from opening, naming its file and line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +32,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import StoreError
+from ..sync.outbox import connect as connect_outbox
+from ..sync.outbox import create_table as create_outbox_table
+from ..sync.outbox import enqueue as enqueue_job
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
+from .crypto import Sealer, envelope_bytes
 from .files import (
     IMAGE_SUFFIXES,
     append_durable,
@@ -44,6 +54,9 @@ from .files import (
 
 METADATA = "metadata.jsonl"
 COUNTER = "case_counter.json"
+OUTBOX = "outbox.db"  # not an id (it has a dot), so never taken for a user folder
+# Image file names this store reads: the plain kinds, and .bin when encrypted.
+FILE_SUFFIXES = (*IMAGE_SUFFIXES, ".bin")
 
 
 @dataclass
@@ -68,10 +81,10 @@ class _Line:
     def set(self, rec: dict[str, Any]) -> None:
         self.rec, self.raw = rec, None
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, sealer: Sealer) -> bytes:
         if self.raw is not None:
             return self.raw + b"\n"
-        return (R.dumps(self.rec) + "\n").encode()
+        return (sealer.dumps(self.rec) + "\n").encode()
 
 
 def _parse_line(raw: bytes) -> _Line:
@@ -89,9 +102,17 @@ class DiskStore:
 
     name = "disk"
 
-    def __init__(self, root: Path, *, case_id_start: int = 10000) -> None:
+    def __init__(
+        self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
+    ) -> None:
         self.root = Path(root)
+        # Sync on: jobs go to OUTBOX beside the user folders, committed before the data they
+        # announce (sync/outbox.py), so a crash can leave a job without data but never the reverse.
+        self.outbox_enabled = bool(outbox)
+        self.outbox_path = self.root / OUTBOX
+        self._outbox: sqlite3.Connection | None = None
         self.case_id_start = int(case_id_start)
+        self.sealer = sealer or Sealer(None)  # encryption at rest, or pass-through
         self._lock = threading.Lock()
         self._lock_file: IO[bytes] | None = None
         # Kept up to date on every write so stats() never walks the tree.
@@ -108,6 +129,9 @@ class DiskStore:
             self._lock_file = lock_root(self.root)
             try:
                 sweep_temp_files(self.root)
+                self._check_key()
+                if self.outbox_enabled:
+                    self._open_outbox()
                 self._images = self._cases = self._image_bytes = 0
                 for user_dir in self._user_dirs():
                     self._recover(user_dir)
@@ -124,9 +148,44 @@ class DiskStore:
             self._release()
 
     def _release(self) -> None:
+        if self._outbox is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._outbox.close()
+            self._outbox = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    def _open_outbox(self) -> None:
+        try:
+            self._outbox = connect_outbox(self.outbox_path)
+            self._outbox.execute("BEGIN IMMEDIATE")
+            create_outbox_table(self._outbox)
+            self._outbox.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the sync outbox {self.outbox_path}: {e}") from e
+
+    def _enqueue(self, jobs: list[tuple[str, str, str, int]]) -> None:
+        """Commit outbox jobs (kind, user, ref, size) before the write they announce."""
+        if self._outbox is None:
+            return
+        try:
+            self._outbox.execute("BEGIN IMMEDIATE")
+            try:
+                for job in jobs:
+                    enqueue_job(self._outbox, *job)
+            except BaseException:
+                self._outbox.execute("ROLLBACK")
+                raise
+            self._outbox.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"writing the sync outbox {self.outbox_path} failed: {e}") from e
+
+    def _case_jobs(self, user_id: str, rec: dict[str, Any]) -> list[tuple[str, str, str, int]]:
+        """The case record's job and one per image record its take-over changes."""
+        return [("case", user_id, rec["case_id"], len(R.dumps(rec)))] + [
+            ("image_record", user_id, image_id, 0) for image_id in rec["image_ids"]
+        ]
 
     def _user_dirs(self) -> list[Path]:
         # Anything whose name is not a valid user id (lost+found, the lock) is not ours.
@@ -137,7 +196,7 @@ class DiskStore:
         sweep_temp_files(user_dir)
         repair_tail(user_dir / METADATA)
         lines = self._read(user_dir)
-        files = [p for p in user_dir.iterdir() if p.suffix in IMAGE_SUFFIXES and is_id(p.stem) and p.is_file()]
+        files = [p for p in user_dir.iterdir() if p.suffix in FILE_SUFFIXES and is_id(p.stem) and p.is_file()]
         if all(line.readable for line in lines):
             recorded = {line.rec["image_id"] for line in lines if line.is_image and "image_id" in line.rec}
             orphans = [p for p in files if p.stem not in recorded]
@@ -167,10 +226,42 @@ class DiskStore:
         except (FileNotFoundError, NotADirectoryError):
             return []
         complete = data[: data.rfind(b"\n") + 1]
-        return [_parse_line(raw) for raw in complete.split(b"\n") if raw.strip()]
+        where = user_dir / METADATA
+        return [self._parse(raw, f"{where}:{n}") for n, raw in enumerate(complete.split(b"\n"), 1) if raw.strip()]
+
+    def _parse(self, raw: bytes, where: str) -> _Line:
+        """One line as a record; an encrypted one decrypted (StoreError naming `where` if it does not)."""
+        line = _parse_line(raw)
+        if not line.readable and self.sealer.enabled and envelope_bytes(raw) is not None:
+            return _Line(self.sealer.loads(raw, where), raw)
+        return line
+
+    def _check_key(self) -> None:
+        """Refuse a wrong key, or plain and encrypted data mixed (storage/crypto.py)."""
+        plain: str | None = None
+        sealed: tuple[str, bytes] | None = None
+        for user_dir in self._user_dirs():
+            try:
+                lines = (user_dir / METADATA).read_bytes().split(b"\n")
+            except FileNotFoundError:
+                lines = []
+            for n, raw in enumerate(lines, 1):
+                blob = envelope_bytes(raw)
+                if blob is not None and sealed is None:
+                    sealed = (f"{user_dir / METADATA}:{n}", blob)
+                elif blob is None and plain is None and _parse_line(raw).readable and raw.strip():
+                    plain = f"{user_dir / METADATA}:{n}"
+            for path in sorted(user_dir.iterdir()):
+                if plain is None and path.suffix in IMAGE_SUFFIXES and is_id(path.stem):
+                    plain = str(path)
+                if sealed is None and path.suffix == ".bin" and is_id(path.stem):
+                    sealed = (str(path), path.read_bytes())
+            if plain is not None and sealed is not None:
+                break
+        self.sealer.check_root(self.root, plain_data=plain, sealed_sample=sealed)
 
     def _rewrite(self, user_dir: Path, lines: list[_Line]) -> None:
-        write_atomic(user_dir / METADATA, b"".join(line.to_bytes() for line in lines))
+        write_atomic(user_dir / METADATA, b"".join(line.to_bytes(self.sealer) for line in lines))
 
     def _read_counter(self, user_dir: Path) -> int | None:
         path = user_dir / COUNTER
@@ -215,18 +306,31 @@ class DiskStore:
             self._write_counter(user_dir, last - 1)
         return {"status": "ok", "case_id": case_id}
 
+    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
+        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
+        user_dir = self.root / check_id("user_id", user_id)
+        with self._using("raising a case counter"):
+            last = self._read_counter(user_dir)
+            if last is not None and last >= at_least:
+                return False
+            make_dir(user_dir)
+            self._write_counter(user_dir, int(at_least))
+        return True
+
     # -- images -------------------------------------------------------------
 
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
         """Store the file, then append its record line (the commit point); or neither."""
         user_dir = self.root / check_id("user_id", user_id)
         rec = R.image_record(image, record)
-        line = (R.dumps(rec) + "\n").encode()
-        path = user_dir / f"{image.image_id}{image.suffix}"
+        line = (self.sealer.dumps(rec) + "\n").encode()
+        # Encrypted files are named .bin, as the old server named them.
+        path = user_dir / f"{image.image_id}{'.bin' if self.sealer.enabled else image.suffix}"
         with self._using(f"saving image {image.image_id}"):
-            if any((user_dir / f"{image.image_id}{s}").exists() for s in IMAGE_SUFFIXES):
+            if any((user_dir / f"{image.image_id}{s}").exists() for s in FILE_SUFFIXES):
                 raise StoreError(f"image {image.image_id} of user {user_id} is already stored")
             make_dir(user_dir)
+            self._enqueue([("image", user_id, image.image_id, len(image.data) + len(line))])
             try:
                 self._write_image_file(path, bytes(image.data))
                 self._commit_image_record(user_dir, line)
@@ -239,7 +343,7 @@ class DiskStore:
             self._image_bytes += len(image.data)
 
     def _write_image_file(self, path: Path, data: bytes) -> None:
-        write_atomic(path, data)
+        write_atomic(path, self.sealer.seal(data))
 
     def _commit_image_record(self, user_dir: Path, line: bytes) -> None:
         """The commit point of a save: the record line, appended and fsync'd."""
@@ -262,10 +366,28 @@ class DiskStore:
         user_dir = self.root / check_id("user_id", user_id)
         check_id("image_id", image_id)
         with self._using(f"reading image {image_id}"):
-            for suffix in IMAGE_SUFFIXES:
+            for suffix in FILE_SUFFIXES:
+                path = user_dir / f"{image_id}{suffix}"
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    return (user_dir / f"{image_id}{suffix}").read_bytes()
+                    data = path.read_bytes()
+                    return self.sealer.unseal(data, str(path)) if suffix == ".bin" else data
         return None
+
+    def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
+        """One image's record as stored now, or None."""
+        user_dir = self.root / check_id("user_id", user_id)
+        with self._using(f"reading image record {image_id}"):
+            lines = self._read(user_dir)
+        found = [line.rec for line in lines if line.is_image and line.rec.get("image_id") == image_id]
+        return found[-1] if found else None
+
+    def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
+        """The case/uncertain/reject record of that case id as stored now, or None."""
+        user_dir = self.root / check_id("user_id", user_id)
+        with self._using(f"reading case {case_id}"):
+            lines = self._read(user_dir)
+        found = [line.rec for line in lines if line.is_case and line.case_id_in((str(case_id),))]
+        return found[-1] if found else None
 
     # -- case records -------------------------------------------------------
 
@@ -279,6 +401,7 @@ class DiskStore:
             lines = self._read(user_dir)
             kept = [line for line in lines if not (line.is_case and line.case_id_in(forms))]
             rec["image_ids"] = self._take_over(kept, rec)
+            self._enqueue(self._case_jobs(user_id, rec))
             self._rewrite(user_dir, [*kept, _Line(rec)])
             self._cases += 1 - (len(lines) - len(kept))
         return rec
@@ -297,6 +420,7 @@ class DiskStore:
                 return None
             rec = R.merge_update(targets[-1].rec, fields)
             rec["image_ids"] = self._take_over(lines, rec)
+            self._enqueue(self._case_jobs(user_id, rec))
             # Rewritten in place: the record keeps its position in the listing order.
             targets[-1].set(rec)
             self._rewrite(user_dir, lines)

@@ -3,7 +3,9 @@
 Layout under the root::
 
     appliance.db                          WAL mode, synchronous=FULL
-    images/<user_id>/<image_id><suffix>   the bytes exactly as uploaded
+    images/<user_id>/<image_id><suffix>   the bytes as stored (metadata stripped, see privacy.py)
+    images/<user_id>/<image_id>.bin       instead, with encryption on (storage/crypto.py)
+    key_check.json                        with encryption on: proves the key at open
 
 Images are files, not BLOBs: the database stays small for backups and VACUUM,
 clinic staff can open images with ordinary tools, and a sync worker can stream
@@ -31,6 +33,9 @@ from sqlite_utils import Database
 from ..errors import StoreError
 from . import StoredImage
 from . import records as R
+from ..sync.outbox import create_table as create_outbox_table
+from ..sync.outbox import enqueue as enqueue_job
+from .crypto import Sealer, envelope_bytes
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable, write_atomic
 
 DB_NAME = "appliance.db"
@@ -96,8 +101,13 @@ def _migration_1(db: Database) -> None:
     )
 
 
+def _migration_2(db: Database) -> None:
+    """The sync outbox (sync/outbox.py), whose jobs commit in their record's transaction."""
+    create_outbox_table(db.conn)
+
+
 # Numbered, append-only: a migration once shipped is never edited.
-MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = ((1, _migration_1),)
+MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = ((1, _migration_1), (2, _migration_2))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -106,10 +116,17 @@ class SQLiteStore:
 
     name = "sqlite"
 
-    def __init__(self, root: Path, *, case_id_start: int = 10000) -> None:
+    def __init__(
+        self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
+    ) -> None:
         self.root = Path(root)
+        # Sync on: every record write also commits its outbox job (sync/outbox.py), in this database.
+        self.outbox_enabled = bool(outbox)
         self.case_id_start = int(case_id_start)
+        # Encryption at rest: image files and the `record` column (storage/crypto.py).
+        self.sealer = sealer or Sealer(None)
         self.db_path = self.root / DB_NAME
+        self.outbox_path = self.db_path
         self.images_dir = self.root / IMAGES_DIR
         # One connection shared by every caller thread, so every use holds this lock.
         self._lock = threading.Lock()
@@ -138,6 +155,7 @@ class SQLiteStore:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
                 self._migrate()
+                self._check_key()
                 self._sweep_pending()
             except (OSError, sqlite3.Error) as e:
                 self._release()
@@ -175,6 +193,21 @@ class SQLiteStore:
                 with self._transaction():
                     migrate(self._db)
                     self._db.table("schema_migrations").insert({"version": version, "applied_at": _now()})
+
+    def _check_key(self) -> None:
+        """Refuse a wrong key, or plain and encrypted records mixed (storage/crypto.py)."""
+        assert self._conn is not None
+        row = self._conn.execute("SELECT record FROM images UNION ALL SELECT record FROM cases LIMIT 1").fetchone()
+        blob = None if row is None else envelope_bytes(row[0])
+        self.sealer.check_root(
+            self.root,
+            plain_data=f"records in {self.db_path}" if row is not None and blob is None else None,
+            sealed_sample=None if blob is None else (f"a record in {self.db_path}", blob),
+        )
+
+    def _load(self, body: str) -> dict[str, Any]:
+        """A record from its `record` column (decrypted when encrypted)."""
+        return self.sealer.loads(body, f"a record in {self.db_path}")
 
     def _sweep_pending(self) -> None:
         """Remove the files of saves that never committed their record (a crash mid-save)."""
@@ -230,7 +263,8 @@ class SQLiteStore:
         conn.execute("COMMIT")
 
     def _image_path(self, user_id: str, image_id: str, suffix: str) -> Path:
-        return self.images_dir / user_id / f"{image_id}{suffix}"
+        # Encrypted files are named .bin: their bytes are no longer a .jpg, .png or .webp.
+        return self.images_dir / user_id / f"{image_id}{'.bin' if self.sealer.enabled else suffix}"
 
     # -- case ids -----------------------------------------------------------
 
@@ -274,13 +308,23 @@ class SQLiteStore:
             (user_id, last, _now()),
         )
 
+    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
+        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
+        check_id("user_id", user_id)
+        with self._using("raising a case counter"), self._transaction() as conn:
+            row = conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (user_id,)).fetchone()
+            if row is not None and row[0] >= at_least:
+                return False
+            self._set_counter(conn, user_id, int(at_least))
+        return True
+
     # -- images -------------------------------------------------------------
 
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
         """Store the file and its record durably, or neither (see the module docstring)."""
         check_id("user_id", user_id)
         rec = R.image_record(image, record)
-        body = R.dumps(rec)
+        body = self.sealer.dumps(rec)
         path = self._image_path(user_id, image.image_id, image.suffix)
         with self._using(f"saving image {image.image_id}") as conn:
             if conn.execute(
@@ -303,7 +347,7 @@ class SQLiteStore:
                 raise
 
     def _write_image_file(self, path: Path, data: bytes) -> None:
-        write_atomic(path, data)
+        write_atomic(path, self.sealer.seal(data))
 
     def _commit_image_record(self, user_id: str, image: StoredImage, rec: dict[str, Any], body: str) -> None:
         """The commit point of a save: the record appears and the journal row goes, together."""
@@ -317,6 +361,8 @@ class SQLiteStore:
             conn.execute(
                 "DELETE FROM pending_files WHERE user_id = ? AND image_id = ?", (user_id, image.image_id)
             )
+            if self.outbox_enabled:
+                enqueue_job(conn, "image", user_id, image.image_id, len(image.data) + len(body))
 
     def list_images(self, user_id: str, case_id: str | None = None) -> list[dict[str, Any]]:
         """Image records of a user (optionally of one case), oldest first."""
@@ -327,7 +373,7 @@ class SQLiteStore:
             params.append(str(case_id))
         with self._using("listing images") as conn:
             rows = conn.execute(sql + " ORDER BY seq", params).fetchall()
-        return [json.loads(body) for (body,) in rows]
+        return [self._load(body) for (body,) in rows]
 
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None if there is no such image record."""
@@ -340,7 +386,8 @@ class SQLiteStore:
             if row is None:
                 return None
             # A record without its file is damage, not absence: say so.
-            return self._image_path(user_id, image_id, row[0]).read_bytes()
+            path = self._image_path(user_id, image_id, row[0])
+            return self.sealer.unseal(path.read_bytes(), str(path))
 
     # -- case records -------------------------------------------------------
 
@@ -355,9 +402,10 @@ class SQLiteStore:
                 "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (user_id, rec["case_id"], rec["entry_type"], R.status_key(rec.get("status")),
-                 R.created_key(rec), R.dumps(rec)),
+                 R.created_key(rec), self.sealer.dumps(rec)),
             )
             self._take_over(conn, user_id, rec)
+            self._enqueue_case(conn, user_id, rec)
         return rec
 
     def update_case(self, user_id: str, case_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -373,15 +421,42 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return None
-            rec = R.merge_update(json.loads(row[1]), fields)
+            rec = R.merge_update(self._load(row[1]), fields)
             rec["image_ids"] = self._image_ids(conn, user_id, case_id)
             # Updated in place: the record keeps its place (seq) in the listing order.
             conn.execute(
                 "UPDATE cases SET status_key = ?, created_at = ?, record = ? WHERE seq = ?",
-                (R.status_key(rec.get("status")), R.created_key(rec), R.dumps(rec), row[0]),
+                (R.status_key(rec.get("status")), R.created_key(rec), self.sealer.dumps(rec), row[0]),
             )
             self._take_over(conn, user_id, rec)
+            self._enqueue_case(conn, user_id, rec)
         return rec
+
+    def _enqueue_case(self, conn: sqlite3.Connection, user_id: str, rec: dict[str, Any]) -> None:
+        """Outbox jobs for a case record and the image records its take-over changed."""
+        if self.outbox_enabled:
+            enqueue_job(conn, "case", user_id, rec["case_id"], len(R.dumps(rec)))
+            for image_id in rec["image_ids"]:
+                enqueue_job(conn, "image_record", user_id, image_id)
+
+    def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
+        """One image's record as stored now, or None."""
+        check_id("user_id", user_id)
+        with self._using(f"reading image record {image_id}") as conn:
+            row = conn.execute(
+                "SELECT record FROM images WHERE user_id = ? AND image_id = ?", (user_id, image_id)
+            ).fetchone()
+        return None if row is None else self._load(row[0])
+
+    def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
+        """The case/uncertain/reject record of that case id as stored now, or None."""
+        check_id("user_id", user_id)
+        with self._using(f"reading case {case_id}") as conn:
+            row = conn.execute(
+                "SELECT record FROM cases WHERE user_id = ? AND case_id = ? ORDER BY seq DESC LIMIT 1",
+                (user_id, str(case_id)),
+            ).fetchone()
+        return None if row is None else self._load(row[0])
 
     def _image_ids(self, conn: sqlite3.Connection, user_id: str, case_id: str) -> list[str]:
         rows = conn.execute(
@@ -396,9 +471,9 @@ class SQLiteStore:
             "SELECT seq, record FROM images WHERE user_id = ? AND case_id = ?", (user_id, case["case_id"])
         ).fetchall()
         for seq, body in rows:
-            image_rec = json.loads(body)
+            image_rec = self._load(body)
             image_rec.update(fields)
-            conn.execute("UPDATE images SET record = ? WHERE seq = ?", (R.dumps(image_rec), seq))
+            conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self.sealer.dumps(image_rec), seq))
 
     def list_cases(
         self,
@@ -424,7 +499,7 @@ class SQLiteStore:
         params.append(max(int(limit), 0))
         with self._using("listing cases") as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [json.loads(body) for (body,) in rows]
+        return [self._load(body) for (body,) in rows]
 
     # -- status -------------------------------------------------------------
 

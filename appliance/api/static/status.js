@@ -1,0 +1,121 @@
+// The status page: polls /v1/status and fills the cards. Text only (textContent), never HTML.
+"use strict";
+
+const REFRESH_MS = 5000;
+const KEY_ITEM = "appliance-api-key";
+let timer = null;
+
+function $(id) { return document.getElementById(id); }
+function set(id, value) { $(id).textContent = value === null || value === undefined || value === "" ? "–" : String(value); }
+
+function bytes(n) {
+  if (typeof n !== "number") return null;
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+}
+
+function duration(seconds) {
+  const s = Math.floor(seconds);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  if (m) return m + " min " + (s % 60) + " s";
+  return s + " s";
+}
+
+function ms(value) { return typeof value === "number" ? value + " ms" : null; }
+
+function render(status) {
+  const model = status.model || {};
+  const runtime = status.runtime || {};
+  const recent = status.recent || {};
+  const storage = status.storage || {};
+  const inference = status.inference || {};
+  set("model-name", model.name);
+  set("model-version", model.version);
+  set("model-artifact", model.artifact ? model.artifact + (model.precision ? " (" + model.precision + ")" : "") : null);
+  set("model-demo", model.demo ? "yes: not medical predictions" : "no");
+  $("demo-banner").hidden = !model.demo;
+  set("runtime-name", runtime.runtime);
+  set("runtime-device", runtime.device);
+  set("ready", status.appliance.ready ? "yes" : "no");
+  set("uptime", duration(status.appliance.uptime_s));
+  set("appliance-version", status.appliance.version);
+  set("window", "(last " + Math.round((recent.window_s || 300) / 60) + " min)");
+  set("requests", recent.requests);
+  set("client-errors", recent.client_errors);
+  set("server-errors", recent.server_errors);
+  set("p50", ms(recent.p50_ms));
+  set("p95", ms(recent.p95_ms));
+  set("queue", inference.queue_size ? inference.queue_depth + " / " + inference.queue_size : null);
+  set("storage-backend", storage.backend);
+  set("storage-images", storage.images);
+  set("storage-cases", storage.cases);
+  set("storage-bytes", bytes(storage.image_bytes));
+  set("disk-free", storage.disk_total_bytes ? bytes(storage.disk_free_bytes) + " of " + bytes(storage.disk_total_bytes) : null);
+  const sync = status.sync;
+  if (sync === null || sync === undefined) {
+    set("sync-state", "not configured");
+    set("sync-backlog", null);
+    set("sync-error", null);
+  } else {
+    set("sync-state", sync.state || sync.target || "running");
+    set("sync-backlog", sync.backlog !== undefined ? sync.backlog : sync.pending);
+    set("sync-error", sync.last_error || sync.error || "none");
+  }
+  set("summary", (model.name ? model.name + " v" + model.version : "No model") + " on " + (runtime.runtime || "?") +
+      " · " + (status.appliance.ready ? "ready" : "NOT READY"));
+  set("updated", "updated " + new Date().toLocaleTimeString());
+}
+
+function showError(message) {
+  $("error-banner").textContent = message;
+  $("error-banner").hidden = !message;
+}
+
+async function refresh() {
+  const headers = { "Accept": "application/json" };
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers["X-API-Key"] = key;
+  let response;
+  try {
+    response = await fetch("/v1/status", { headers: headers, cache: "no-store" });
+  } catch (err) {
+    showError("The appliance does not answer (" + err.message + "); retrying.");
+    return;
+  }
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY_ITEM);
+    $("cards").hidden = true;
+    $("key-form").hidden = false;
+    showError(key ? "That API key was not accepted." : "");
+    set("summary", "API key needed");
+    return;
+  }
+  if (!response.ok) {
+    showError("Status request failed: HTTP " + response.status);
+    return;
+  }
+  render(await response.json());
+  showError("");
+  $("key-form").hidden = true;
+  $("cards").hidden = false;
+}
+
+function schedule() {
+  if (timer !== null) clearInterval(timer);
+  timer = setInterval(refresh, REFRESH_MS);
+}
+
+document.addEventListener("DOMContentLoaded", function () {
+  $("key-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("key-input").value.trim());
+    $("key-input").value = "";
+    refresh();
+  });
+  refresh();
+  schedule();
+});

@@ -1,0 +1,146 @@
+"""Who may call the API: named API keys from files, the environment and systemd credentials; TLS.
+
+Keys are named so that logs and metrics can say which client called (the
+phones, the Prometheus scraper, a lab script) without ever showing a key. A
+presented key is compared with every configured key, always all of them and
+on SHA-256 digests, so neither timing nor length tells an attacker how close
+a guess was or which key it nearly matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .config import Config
+from .errors import ConfigError
+
+# systemd's LoadCredential=api-keys:/etc/appliance/api-keys lands here.
+CREDENTIAL_NAME = "api-keys"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The old server's single API_KEY keeps working under this name.
+ENV_KEY_NAME = "default"
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """The configured keys, by name; empty means the API is open (the old server's default)."""
+
+    digests: tuple[tuple[str, bytes], ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, keys: Mapping[str, str], source: str = "given") -> ApiKeys:
+        """Keys from a name -> key mapping (tests, embedding)."""
+        return cls(tuple((name, _digest(key)) for name, key in keys.items()), (source,) if keys else ())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.digests)
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def match(self, presented: str) -> str | None:
+        """The name of the key presented, or None; compares against every key, in constant time."""
+        given = _digest(presented)
+        found = None
+        for name, digest in self.digests:
+            if hmac.compare_digest(given, digest) and found is None:
+                found = name
+        return found
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_key(headers: Mapping[str, str]) -> str:
+    """The key a request carries: `X-API-Key` (the contract), else `Authorization: Bearer`."""
+    key = headers.get("X-API-Key", "").strip()
+    if key:
+        return key
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def parse_keys(text: str, where: str) -> dict[str, str]:
+    """`name:key` lines ('#' comments and blank lines ignored) into a dict; errors name the line."""
+    keys: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = (part.strip() for part in line.partition(":"))
+        if not sep or not key or not NAME_PATTERN.fullmatch(name) or any(c.isspace() for c in key):
+            raise ConfigError(f"{where} line {number}: expected 'name:key' (name of letters, digits, '.', '_', '-'; "
+                              "key without spaces)")
+        if name in keys:
+            raise ConfigError(f"{where} line {number}: key name {name!r} appears twice")
+        keys[name] = key
+    return keys
+
+
+def load_api_keys(config: Config, environ: Mapping[str, str] | None = None) -> ApiKeys:
+    """Every configured key: `API_KEY` (named "default"), `auth.keys_file`, `$CREDENTIALS_DIRECTORY/api-keys`."""
+    environ = os.environ if environ is None else environ
+    found: list[tuple[str, str, str]] = []  # (name, key, source)
+    if environ.get("API_KEY", "").strip():
+        found.append((ENV_KEY_NAME, environ["API_KEY"].strip(), "API_KEY"))
+    files: list[tuple[Path, str]] = []
+    if config.auth.keys_file is not None:
+        files.append((config.auth.keys_file, "auth.keys_file"))
+    credentials = environ.get("CREDENTIALS_DIRECTORY", "").strip()
+    if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
+        files.append((Path(credentials) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}"))
+    for path, label in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{label}: cannot read {path}: {reason}") from None
+        found += [(name, key, label) for name, key in parse_keys(text, f"{label} ({path})").items()]
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for name, key, source in found:
+        if name in names:
+            raise ConfigError(f"{source}: key name {name!r} is also defined by {names[name]}")
+        digest = _digest(key)
+        if digest in digests:
+            raise ConfigError(f"{source}: key {name!r} has the same value as key {digests[digest]!r}; "
+                              "give each client its own key")
+        names[name] = source
+        digests[digest] = name
+    sources = tuple(dict.fromkeys(source for _, _, source in found))
+    return ApiKeys(tuple((name, digest) for digest, name in digests.items()), sources)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to any interface
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context from `server.tls_cert_file`/`tls_key_file` (TLS 1.2+), or None for plain HTTP."""
+    server = config.server
+    if server.tls_cert_file is None or server.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(server.tls_cert_file, server.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert_file/tls_key_file: cannot load: {exc}") from None
+    return context

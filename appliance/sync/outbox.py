@@ -1,0 +1,212 @@
+"""The persistent sync outbox: one SQLite table of jobs, written by the stores, drained by the worker.
+
+A job names what to upload, never the bytes: (`kind`, `user_id`, `ref`) is an
+image ("image": bytes and record), an image record changed by a case
+("image_record") or a case record ("case"). The worker reads the current
+bytes and record through the Store at upload time, so one job per name is
+enough: enqueueing a name that is already waiting bumps its `version`
+instead of adding a row, and `done()` deletes a job only if its version is
+the one that was uploaded (a change made during the upload uploads again).
+
+The sqlite store keeps this table in its own database and inserts jobs in the
+record's transaction; the disk store keeps it in `outbox.db` beside the user
+folders and commits the job before the data it announces (a job whose data
+never landed finds no record and is dropped as `gone`). The worker updates
+job state through its own connection (WAL lets it run beside the store's
+writer; `busy_timeout` serialises the two writers).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from datetime import datetime, timezone
+from typing import Any
+
+KINDS = ("image", "image_record", "case")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    failed_at REAL,
+    UNIQUE (kind, user_id, ref)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
+"""
+
+
+def create_table(conn: sqlite3.Connection) -> None:
+    """Create the outbox table and its index if missing (inside the caller's transaction)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def enqueue(conn: sqlite3.Connection, kind: str, user_id: str, ref: str, size_bytes: int = 0) -> None:
+    """Announce that (kind, user, ref) must be uploaded; within the caller's transaction."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown outbox job kind {kind!r}")
+    conn.execute(
+        "INSERT INTO outbox (kind, user_id, ref, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (kind, user_id, ref) DO UPDATE SET version = version + 1, size_bytes = excluded.size_bytes",
+        (kind, user_id, ref, int(size_bytes), time.time()),
+    )
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode with synchronous=FULL (a job committed is a job kept)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            conn.close()
+            raise sqlite3.OperationalError(f"{path}: cannot use WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+@dataclass(frozen=True)
+class Job:
+    """One waiting upload, as claimed by the worker."""
+
+    id: int
+    kind: str
+    user_id: str
+    ref: str
+    version: int
+    attempts: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What is waiting: the numbers `sync status`, /ready and /v1/info show."""
+
+    jobs: int = 0
+    bytes_pending: int = 0
+    oldest_pending_at: float | None = None
+    failing_jobs: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backlog": self.jobs,
+            "bytes_pending": self.bytes_pending,
+            "oldest_pending": iso_time(self.oldest_pending_at),
+            "failing_jobs": self.failing_jobs,
+            "last_error": self.last_error,
+            "last_error_at": iso_time(self.last_error_at),
+        }
+
+
+def iso_time(ts: float | None) -> str | None:
+    """An epoch time as ISO 8601 UTC (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def read_backlog(conn: sqlite3.Connection) -> Backlog:
+    """Count the waiting jobs (indexed aggregate; cheap enough for every status call)."""
+    jobs, size, oldest, failing = conn.execute(
+        "SELECT count(*), coalesce(sum(size_bytes), 0), min(created_at), count(failed_at) FROM outbox"
+    ).fetchone()
+    row = conn.execute(
+        "SELECT last_error, failed_at FROM outbox WHERE failed_at IS NOT NULL ORDER BY failed_at DESC LIMIT 1"
+    ).fetchone()
+    return Backlog(jobs, size, oldest, failing, row[0] if row else None, row[1] if row else None)
+
+
+def read_backlog_at(path: Path) -> Backlog:
+    """The backlog of an outbox database on disk, read-only (works while the server runs)."""
+    if not path.exists():
+        return Backlog()
+    conn = connect(path, readonly=True)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone() is None:
+            return Backlog()
+        return read_backlog(conn)
+    finally:
+        conn.close()
+
+
+class Outbox:
+    """The worker's side of the outbox: claim due jobs, mark them done or failed; thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = connect(self.path)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            create_table(self._conn)
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection; safe twice."""
+        with self._lock:
+            self._conn.close()
+
+    def due(self, now: float, limit: int, exclude: frozenset[int] = frozenset()) -> list[Job]:
+        """Jobs whose retry time has come, oldest first, skipping those already in flight."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, kind, user_id, ref, version, attempts, size_bytes FROM outbox"
+                " WHERE next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit + len(exclude)),
+            ).fetchall()
+        return [Job(*row) for row in rows if row[0] not in exclude][:limit]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest waiting job may be tried again (None: nothing waits)."""
+        with self._lock:
+            return self._conn.execute("SELECT min(next_attempt_at) FROM outbox").fetchone()[0]
+
+    def done(self, job: Job) -> bool:
+        """Remove an uploaded job; if it changed meanwhile, keep it due now and return False."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute("DELETE FROM outbox WHERE id = ? AND version = ?", (job.id, job.version))
+                removed = cur.rowcount == 1
+                if not removed:
+                    self._conn.execute(
+                        "UPDATE outbox SET attempts = 0, next_attempt_at = 0, last_error = NULL, failed_at = NULL"
+                        " WHERE id = ?",
+                        (job.id,),
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return removed
+
+    def failed(self, job: Job, error: str, now: float, retry_at: float) -> None:
+        """Record a failed attempt and when to try again (the job is never dropped)."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, failed_at = ?"
+                " WHERE id = ?",
+                (retry_at, error[:1000], now, job.id),
+            )
+
+    def backlog(self) -> Backlog:
+        """The waiting jobs' numbers."""
+        with self._lock:
+            return read_backlog(self._conn)

@@ -1,0 +1,553 @@
+"""Sync to a bucket: one contract over S3 (moto), GCS (gcp-storage-emulator) and Azure (azurite), plus faults.
+
+Every server is real and on 127.0.0.1 (tests/buckets.py); what lands in a
+bucket is read back with plain HTTP, not through the appliance's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import itertools
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from aiohttp.test_utils import TestClient
+from PIL import ExifTags, Image
+
+from appliance.app import create_app
+from appliance.config import Config, parse_config
+from appliance.errors import ConfigError
+from appliance.keys import STORE, SYNC
+from appliance.privacy import strip_metadata
+from appliance.storage import open_store
+from appliance.sync import keys
+from appliance.sync.commands import sync_command
+from appliance.sync.outbox import Outbox, connect, enqueue
+from appliance.sync.targets import parse_url
+from appliance.sync.worker import backoff_delay
+
+from .buckets import Bucket, Server
+from .conftest import encode, photo
+from .test_api import upload
+from .test_serve import post_image, running, wait_ready
+
+PROVIDERS = ("s3", "gcs", "azure")
+USER = {"X-User-Id": "user001", "X-User-Role": "gp"}
+BOX = "box-1"
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """One server per provider for the whole session."""
+    started: dict[str, Server] = {}
+    try:
+        for provider in PROVIDERS:
+            server = Server(provider, tmp_path_factory.mktemp(f"server-{provider}"))
+            server.start()
+            started[provider] = server
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture
+def make_bucket(tmp_path: Path) -> Callable[..., Bucket]:
+    """A fresh, empty bucket on a server."""
+
+    def make(server: Server, **options: Any) -> Bucket:
+        # No hyphens: the GCS emulator cannot route a percent-encoded one in the bucket name.
+        bucket = Bucket(server, f"bkt{os.getpid()}x{next(_names)}", tmp_path, **options)
+        bucket.create()
+        return bucket
+
+    return make
+
+
+def sync_overrides(bucket: Bucket, **overrides: Any) -> dict[str, Any]:
+    """make_config overrides for sync to `bucket`, with fast polling and retries for tests."""
+    return {"sync__enabled": True, "sync__url": bucket.url("clinic"), "sync__box_id": BOX,
+            "sync__poll_interval_s": 0.05, "sync__retry_base_s": 0.05, "sync__retry_max_s": 0.5,
+            **bucket.config(), **overrides}
+
+
+def gps_jpeg(seed: int = 0) -> bytes:
+    """A phone-like JPEG with GPS position and device EXIF."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneMaker"
+    exif[ExifTags.Base.Model] = "Phone 12"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (52.0, 22.0, 30.5)
+    return encode(photo(seed=seed), "JPEG", exif=exif)
+
+
+def has_gps(data: bytes) -> bool:
+    return bool(Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.GPSInfo))
+
+
+async def check(client: TestClient, data: bytes, query: str = "") -> dict[str, Any]:
+    response = await client.post(f"/check-image{query}", data=upload(data), headers=USER)
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def sync_status(client: TestClient) -> dict[str, Any]:
+    response = await client.get("/ready")
+    assert response.status == 200  # sync's state never decides readiness
+    return (await response.json())["sync"]
+
+
+async def wait_synced(client: TestClient, timeout_s: float = 60) -> dict[str, Any]:
+    """Wait for an empty backlog, as counted after this call began."""
+    since = datetime.now(timezone.utc)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = await sync_status(client)
+        if status["backlog"] == 0 and datetime.fromisoformat(status["checked_at"]) > since:
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"sync did not drain: {status}")
+
+
+def expected_objects(store: Any, user: str = "user001") -> dict[str, bytes]:
+    """Every object the bucket must hold for the store's current contents, key -> bytes."""
+    objects: dict[str, bytes] = {}
+    for record in store.list_images(user):
+        data = store.read_image(user, record["image_id"])
+        fmt = {"jpeg": "jpeg", "png": "png", "webp": "webp"}[record["format"]]
+        objects[f"clinic/{keys.image_key(BOX, record, fmt)}"] = strip_metadata(data, fmt)
+        objects[f"clinic/{keys.image_record_key(BOX, record)}"] = json.dumps(record, sort_keys=True).encode()
+    for case in store.list_cases(user, status=None, limit=1000, include_uncertain=True, include_rejected=True):
+        objects[f"clinic/{keys.case_key(BOX, user, case['case_id'])}"] = json.dumps(case, sort_keys=True).encode()
+    return objects
+
+
+def assert_bucket_equals(bucket: Bucket, expected: dict[str, bytes]) -> None:
+    """Exactly these keys, each with these bytes and its sha256 in the object's metadata."""
+    assert bucket.keys() == sorted(expected)
+    for key, data in expected.items():
+        got, _ = bucket.read(key)
+        assert got == data, key
+        assert bucket.stored_sha256(key) == hashlib.sha256(data).hexdigest(), key
+
+
+# -- the contract, over every provider ------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "disk"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
+        aiohttp_client: Any, make_config: Callable[..., Config], make_bucket: Callable[..., Bucket],
+        servers: dict[str, Server], provider: str, backend: str) -> None:
+    bucket = make_bucket(servers[provider])
+    # Stored with its GPS (the store-side strip is off), so what leaves the box is the sync's doing.
+    config = make_config(storage__backend=backend, privacy__strip_metadata_on_store=False, **sync_overrides(bucket))
+    client = await aiohttp_client(create_app(config))
+    first = await check(client, gps_jpeg(1))
+    case_id = first["case_id"]
+    second = await check(client, encode(photo(seed=2, colour=(90, 60, 160)), "PNG"), f"?case_id={case_id}")
+    response = await client.post("/cases", json={"case_id": case_id, "notes": "first look", "gender": "f"},
+                                 headers=USER)
+    assert response.status == 200
+    response = await client.put(f"/cases/{case_id}", json={"notes": "second look", "status": "reviewed"},
+                                headers=USER)
+    assert response.status == 200
+    status = await wait_synced(client)
+    assert (status["enabled"], status["state"], status["box_id"]) == (True, "idle", BOX)
+    assert status["bytes_pending"] == 0 and status["oldest_pending"] is None
+
+    store = client.app[STORE]
+    expected = expected_objects(store)
+    day = store.image_record("user001", first["image_id"])["created_at"]
+    yyyy, mm, dd = day[:4], day[5:7], day[8:10]
+    assert sorted(expected) == sorted([
+        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg",
+        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.json",
+        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.png",
+        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.json",
+        f"clinic/{BOX}/cases/user001/{case_id}.json",
+    ])
+    assert_bucket_equals(bucket, expected)
+    local = store.read_image("user001", first["image_id"])
+    uploaded, _ = bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg")
+    assert has_gps(local) and not has_gps(uploaded)
+    case = json.loads(bucket.read(f"clinic/{BOX}/cases/user001/{case_id}.json")[0])
+    assert (case["notes"], case["status"], case["gender"]) == ("second look", "reviewed", "f")
+    assert sorted(case["image_ids"]) == sorted([first["image_id"], second["image_id"]])
+    image_record = json.loads(bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.json")[0])
+    assert image_record["gender"] == "f"  # the case's take-over, synced
+    if provider == "s3":  # S3's own check: the ETag of a plain PUT is the MD5 of what it stored
+        _, headers = bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg")
+        assert headers["etag"].strip('"') == hashlib.md5(uploaded).hexdigest()
+    await client.close()
+
+    # Re-drain everything (as after a crash between upload and done): same objects, no duplicates.
+    images = [first["image_id"], second["image_id"]]
+    conn = connect(Path(store.outbox_path))
+    conn.execute("BEGIN IMMEDIATE")
+    for image_id in images:
+        enqueue(conn, "image", "user001", image_id)
+    enqueue(conn, "case", "user001", case_id)
+    conn.execute("COMMIT")
+    conn.close()
+    assert await asyncio.to_thread(sync_command, config, status=False, once=True) == 0
+    assert_bucket_equals(bucket, expected)
+
+
+# -- faults -----------------------------------------------------------------------
+
+
+async def test_a_stopped_bucket_server_loses_nothing_and_drains_when_back(
+        aiohttp_client: Any, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    server = Server("azure", tmp_path / "azurite")  # azurite keeps its blobs on disk across a restart
+    server.start()
+    try:
+        bucket = Bucket(server, "faults", tmp_path)
+        bucket.create()
+        client = await aiohttp_client(create_app(make_config(**sync_overrides(bucket))))
+        for seed in range(3):
+            await check(client, encode(photo(seed=seed)))
+        server.stop()  # mid-drain: some of those may be in flight
+        for seed in range(3, 6):
+            await check(client, encode(photo(seed=seed)))  # still answered while the bucket is down
+        deadline = time.monotonic() + 60
+        status = await sync_status(client)
+        while status["state"] != "failing" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            status = await sync_status(client)
+        assert status["state"] == "failing" and status["backlog"] >= 3 and status["last_error"]
+        assert status["bytes_pending"] > 0 and status["oldest_pending"] is not None
+        server.start()
+        await wait_synced(client)
+        assert_bucket_equals(bucket, expected_objects(client.app[STORE]))
+        assert len(bucket.keys()) == 12
+    finally:
+        server.stop()
+
+
+async def test_rejected_credentials_show_in_status_keep_retrying_and_lose_nothing(
+        aiohttp_client: Any, make_config: Callable[..., Config], make_bucket: Callable[..., Bucket],
+        servers: dict[str, Server], tmp_path: Path) -> None:
+    good = make_bucket(servers["azure"])
+    wrong_key = "d3Jvbmcga2V5IGZvciB0ZXN0aW5nIG9ubHkgLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLQ=="
+    (tmp_path / "bad").mkdir()
+    bad = Bucket(servers["azure"], good.name, tmp_path / "bad", key=wrong_key)
+    config = make_config(**sync_overrides(bad))
+    client = await aiohttp_client(create_app(config))
+    await check(client, encode(photo(seed=7)))
+    outbox_path = Path(client.app[STORE].outbox_path)
+    deadline = time.monotonic() + 60
+    attempts = 0
+    while attempts < 3 and time.monotonic() < deadline:  # several retries, not one
+        await asyncio.sleep(0.05)
+        with sqlite3.connect(outbox_path) as conn:
+            attempts = conn.execute("SELECT max(attempts) FROM outbox").fetchone()[0] or 0
+        conn.close()
+    assert attempts >= 3
+    status = await sync_status(client)
+    assert status["state"] == "failing" and status["backlog"] == 1  # the image's job, kept
+    assert "403" in status["last_error"] or "auth" in status["last_error"].lower()
+    info = await (await client.get("/v1/info")).json()
+    assert info["sync"]["state"] == "failing"
+    await client.close()
+    assert good.keys() == []
+    # With the right key the same outbox drains: nothing was dropped.
+    fixed = parse_config({**_raw(config), "bucket": {**_raw(config)["bucket"],
+                                                       "credentials_file": str(good.credentials_file)}})
+    assert await asyncio.to_thread(sync_command, fixed, status=False, once=True) == 0
+    store = open_store("sqlite", config.storage.root)
+    try:
+        assert_bucket_equals(good, expected_objects(store))
+    finally:
+        store.close()
+
+
+def _raw(config: Config) -> dict[str, Any]:
+    """A config back as TOML-shaped tables (enough for parse_config)."""
+    import dataclasses
+
+    raw = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if f.name == "runtime":
+            continue
+        raw[f.name] = {k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v))
+                       for k, v in vars(section).items() if v is not None}
+    return raw
+
+
+class HoldingProxy:
+    """A TCP proxy on 127.0.0.1 that accepts uploads and forwards nothing while `holding`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held = 0
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            conn.settimeout(30)
+            try:
+                if conn.recv(65536):
+                    self.held += 1  # a request arrived and will never be answered
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._conns:
+            conn.close()
+
+
+def test_sigkill_mid_upload_then_restart_uploads_everything_once(
+        make_bucket: Callable[..., Bucket], servers: dict[str, Server], tmp_path: Path, tiny_model_dir: Path) -> None:
+    bucket = make_bucket(servers["s3"])
+    proxy = HoldingProxy(servers["s3"].port)
+
+    def write_config(endpoint: str) -> Path:
+        from .buckets import free_port
+
+        path = tmp_path / "config.toml"
+        settings = {**bucket.config(), "bucket__endpoint": endpoint}
+        path.write_text(
+            f'[server]\nport = {free_port()}\n[model]\npath = "{tiny_model_dir}"\n'
+            f'[storage]\nroot = "{tmp_path / "data"}"\n'
+            f'[sync]\nenabled = true\nurl = "{bucket.url("clinic")}"\nbox_id = "{BOX}"\npoll_interval_s = 0.05\n'
+            f'retry_base_s = 0.05\nretry_max_s = 0.5\n'
+            "[bucket]\n" + "".join(f"{k.split('__')[1]} = {json.dumps(v)}\n" for k, v in settings.items())
+        )
+        return path
+
+    config_path = write_config(f"http://127.0.0.1:{proxy.port}")
+    port = int(config_path.read_text().split("port = ")[1].split("\n")[0])
+    try:
+        with running(config_path) as proc:
+            wait_ready(proc, port)
+            for seed in range(3):
+                post_image(port, encode(photo(seed=seed)))
+            deadline = time.monotonic() + 60
+            while proxy.held == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.held > 0  # an upload is on the wire
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert proc.returncode == -signal.SIGKILL
+    finally:
+        proxy.close()
+    assert bucket.keys() == []
+    config_path = write_config(servers["s3"].endpoint)
+    port = int(config_path.read_text().split("port = ")[1].split("\n")[0])
+    with running(config_path) as proc:
+        wait_ready(proc, port)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+                if json.loads(response.read())["sync"]["backlog"] == 0:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    store = open_store("sqlite", tmp_path / "data")
+    try:
+        assert len(store.list_images("user001")) == 3
+        assert_bucket_equals(bucket, expected_objects(store))
+    finally:
+        store.close()
+
+
+# -- the disk budget ---------------------------------------------------------------
+
+
+async def test_over_the_disk_budget_new_images_get_507_and_nothing_is_dropped(
+        aiohttp_client: Any, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    server = Server("s3", tmp_path / "moto")  # never started: every upload fails
+    bucket = Bucket(server, "nowhere", tmp_path)
+    client = await aiohttp_client(create_app(make_config(**sync_overrides(bucket, sync__disk_budget_bytes=1000))))
+    await check(client, encode(photo(seed=1)))  # under budget when it arrived
+    worker = client.app[SYNC]
+    deadline = time.monotonic() + 30
+    while not worker.over_budget and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    response = await client.post("/check-image", data=upload(encode(photo(seed=2))), headers=USER)
+    assert response.status == 507
+    detail = (await response.json())["detail"]
+    assert detail.startswith("Sync backlog over its disk budget (") and "of 1000 bytes unsynced)" in detail
+    status = await sync_status(client)
+    assert status["over_budget"] is True and status["backlog"] == 1 and status["when_over_budget"] == "refuse"
+    assert len(client.app[STORE].list_images("user001")) == 1
+
+
+async def test_accept_policy_keeps_storing_over_budget_and_says_so(
+        aiohttp_client: Any, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
+    overrides = sync_overrides(bucket, sync__disk_budget_bytes=1000, sync__when_over_budget="accept")
+    client = await aiohttp_client(create_app(make_config(**overrides)))
+    for seed in range(3):
+        await check(client, encode(photo(seed=seed)))
+    deadline = time.monotonic() + 30
+    status = await sync_status(client)
+    while status["backlog"] < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        status = await sync_status(client)
+    assert status["over_budget"] is True and status["backlog"] == 3
+    assert len(client.app[STORE].list_images("user001")) == 3
+
+
+async def test_sync_off_reports_disabled_and_writes_no_outbox(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    config = make_config(storage__backend="disk")
+    client = await aiohttp_client(create_app(config))
+    await check(client, encode(photo()))
+    assert await sync_status(client) == {"enabled": False}
+    assert not (config.storage.root / "outbox.db").exists()
+
+
+# -- units: backoff, keys, URLs, config, the CLI ----------------------------------
+
+
+def test_backoff_doubles_with_jitter_and_never_exceeds_five_minutes() -> None:
+    low = [backoff_delay(n, 1.0, 300.0, rand=lambda: 0.0) for n in range(1, 12)]
+    high = [backoff_delay(n, 1.0, 300.0, rand=lambda: 1.0) for n in range(1, 12)]
+    assert high[:9] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert low[:9] == [0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+    assert high[9:] == [300.0, 300.0] and low[9:] == [150.0, 150.0]
+    import random
+
+    rng = random.Random(4)
+    assert max(backoff_delay(n, 1.0, 300.0, rand=rng.random) for n in range(1, 10_000)) <= 300.0
+    assert backoff_delay(10_000, 1.0) <= 300.0
+
+
+def test_outbox_coalesces_a_waiting_job_and_keeps_a_change_made_during_upload(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    conn = connect(tmp_path / "outbox.db")
+    enqueue(conn, "case", "u1", "10000", 10)
+    enqueue(conn, "case", "u1", "10000", 12)  # the same case again: one job, newer version
+    (job,) = outbox.due(time.time(), 10)
+    assert (job.version, job.size_bytes) == (2, 12)
+    enqueue(conn, "case", "u1", "10000", 14)  # changed while "uploading"
+    assert outbox.done(job) is False  # kept, to upload the change
+    (again,) = outbox.due(time.time(), 10)
+    assert again.version == 3 and outbox.done(again) is True
+    assert outbox.due(time.time(), 10) == [] and outbox.backlog().jobs == 0
+    conn.close()
+    outbox.close()
+
+
+def test_a_failed_job_waits_for_its_retry_time_and_is_never_dropped(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    conn = connect(tmp_path / "outbox.db")
+    enqueue(conn, "image", "u1", "img-1", 100)
+    (job,) = outbox.due(1000.0, 10)
+    outbox.failed(job, "GenericError: connection refused", now=1000.0, retry_at=1060.0)
+    assert outbox.due(1059.0, 10) == []
+    assert [j.attempts for j in outbox.due(1060.0, 10)] == [1]
+    backlog = outbox.backlog()
+    assert (backlog.jobs, backlog.bytes_pending, backlog.failing_jobs) == (1, 100, 1)
+    assert backlog.last_error == "GenericError: connection refused"
+    conn.close()
+    outbox.close()
+
+
+@pytest.mark.parametrize(("url", "provider", "bucket", "prefix", "account"), [
+    ("s3://clinic-data/eu/boxes", "s3", "clinic-data", "eu/boxes", ""),
+    ("gs://clinic-data", "gcs", "clinic-data", "", ""),
+    ("az://container/p", "azure", "container", "p", ""),
+    ("https://clinic-data.s3.eu-central-1.amazonaws.com/p/q", "s3", "clinic-data", "p/q", ""),
+    ("https://s3.eu-central-1.amazonaws.com/clinic-data/p", "s3", "clinic-data", "p", ""),
+    ("https://storage.googleapis.com/clinic-data/p", "gcs", "clinic-data", "p", ""),
+    ("https://acct.blob.core.windows.net/container/p", "azure", "container", "p", "acct"),
+])
+def test_bucket_urls(url: str, provider: str, bucket: str, prefix: str, account: str) -> None:
+    parsed = parse_url(url)
+    assert (parsed.provider, parsed.bucket, parsed.prefix, parsed.account) == (provider, bucket, prefix, account)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"sync": {"enabled": True}}, "sync.url: expected a bucket URL (s3://, gs://, az:// or https://) when sync.enabled = true"),
+    ({"sync": {"enabled": True, "url": "ftp://x/y"}},
+     "sync.url: expected s3://, gs://, az:// or an https URL of S3, Google Cloud Storage or Azure Blob; got 'ftp://x/y'"),
+    ({"sync": {"retry_max_s": 301}},
+     "sync.retry_base_s, sync.retry_max_s: expected 0 < base <= max <= 300 seconds; got 1.0, 301.0"),
+    ({"sync": {"box_id": "a/b"}}, "sync.box_id: expected letters, digits, '-' and '_'; got 'a/b'"),
+    ({"sync": {"when_over_budget": "drop"}}, "sync.when_over_budget: expected one of refuse, accept; got 'drop'"),
+    ({"sync": {"max_concurrency": 0}}, "sync.max_concurrency: expected a positive number; got 0"),
+    ({"sync": {"disk_budget_bytes": -1}}, "sync.disk_budget_bytes: expected 0 (no budget) or more; got -1"),
+])
+def test_bad_sync_config_names_the_key(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.detail == message
+
+
+def test_keys_are_deterministic_and_dated_by_the_record() -> None:
+    record = {"image_id": "abc", "created_at": "2026-03-01T23:30:00-02:00"}
+    assert keys.image_key("b", record, "jpeg") == "b/images/2026/03/02/abc.jpg"
+    assert keys.image_record_key("b", record) == "b/images/2026/03/02/abc.json"
+    assert keys.image_key("b", {"image_id": "abc"}, "png") == "b/images/undated/abc.png"
+    assert keys.case_key("b", "user001", "10000") == "b/cases/user001/10000.json"
+
+
+def test_default_box_id_is_the_host_name_and_machine_id(tmp_path: Path) -> None:
+    machine = tmp_path / "machine-id"
+    machine.write_text("0123abcd" + "0" * 24 + "\n")
+    host = socket.gethostname().split(".")[0]
+    assert keys.default_box_id(machine).endswith("-0123abcd")
+    assert keys.default_box_id(tmp_path / "missing").startswith(host[:3] if host.isalnum() else "")
+    assert keys.default_box_id(machine) == keys.default_box_id(machine)
+
+
+def test_sync_status_command_reads_the_outbox_while_the_store_is_open(
+        make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
+    config = make_config(**sync_overrides(bucket))
+    store = open_store("sqlite", config.storage.root, outbox=True)
+    try:
+        from .test_storage import save
+
+        save(store, "img-1", "10000")
+        assert sync_command(config, status=True, once=False) == 0
+    finally:
+        store.close()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["backlog"] == 1 and printed["bytes_pending"] > 0 and printed["enabled"] is True
+    assert printed["oldest_pending"] is not None and printed["last_error"] is None
+
+
+def test_sync_once_exits_1_with_the_error_when_the_bucket_is_unreachable(
+        make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
+    config = make_config(**sync_overrides(bucket, bucket__timeout_s=2.0))
+    store = open_store("sqlite", config.storage.root, outbox=True)
+    from .test_storage import save
+
+    save(store, "img-1", "10000")
+    store.close()
+    assert sync_command(config, status=False, once=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("appliance: sync stopped at an error: image user001/img-1: ")
+    assert "; uploaded 0 objects to s3://nowhere/clinic; 1 jobs (" in err
