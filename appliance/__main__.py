@@ -123,16 +123,10 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     """`appliance import-legacy`: print counts and unreadable lines; 0 only when everything was read."""
     from .legacy import import_legacy as run_import
     from .legacy import source_sealer
-    from .storage import open_store
-    from .storage.crypto import load_sealer
+    from .storage import open_configured_store
 
     sealer = source_sealer(args.key_file, config.storage.key_file)
-    store = open_store(
-        config.storage.backend,
-        config.storage.root,
-        case_id_start=config.storage.case_id_start,
-        sealer=load_sealer(config.storage.encrypt, config.storage.key_file),
-    )
+    store = open_configured_store(config)
     try:
         report = run_import(
             Path(args.storage_root), store, sealer=sealer, strip_metadata=config.privacy.strip_metadata_on_store

@@ -19,33 +19,28 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from .api import clinic, kserve, openapi, ops
+from .api import clinic, guards, kserve, monitoring, openapi, ops
 from .config import Config
 from .errors import ApplianceError, PayloadTooLarge
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
-from .keys import CLINIC, CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, Executors, State
-from .services import Clinic
-from .storage import open_store
-# Hardening and monitoring (issue 5): guards, metrics, logs, status page.
-from .api import guards, monitoring
-from .keys import API_KEYS, BODY_SLOTS, METRICS, RATE_LIMITER
+from .keys import (
+    API_KEYS, BODY_SLOTS, CLINIC, CONFIG, EXECUTORS, METRICS, MODEL, RATE_LIMITER, SCHEDULER, STATE, STORE, SYNC,
+    Executors, State,
+)
 from .limits import BodySlots, RateLimiter
 from .metrics import Metrics
-from .security import ApiKeys, load_api_keys
-from .storage.crypto import load_sealer
-# Sync to a bucket and models from a bucket (issue 4).
-from .keys import SYNC
 from .modelfetch import model_source
+from .security import ApiKeys, load_api_keys
+from .services import Clinic
+from .storage import open_configured_store
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Reachable without an API key: liveness and readiness probes.
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
-# KServe v2 probes and the API description (a separate block: issue 5's KServe part).
-PUBLIC_PATHS |= {"/v2/health/live", "/v2/health/ready", "/openapi.json"}
+# Reachable without an API key: liveness and readiness probes, and the API description.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/openapi.json"})
 
 
 def _error_body(request: web.Request, detail: str) -> dict[str, str]:
@@ -92,7 +87,6 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
             guards.auth_middleware(PUBLIC_PATHS | monitoring.PUBLIC_PATHS),
             guards.rate_limit_middleware,
             guards.body_slots_middleware,
-            sync_budget_middleware,
         ],
         client_max_size=config.server.max_body_bytes,
     )
@@ -128,18 +122,8 @@ async def _executors(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].storage
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(
-        app[EXECUTORS].store,
-        lambda: open_store(
-            config.backend,
-            config.root,
-            case_id_start=config.case_id_start,
-            sealer=load_sealer(config.encrypt, config.key_file),  # encryption at rest, or pass-through
-            outbox=app[CONFIG].sync.enabled,  # sync: every write also commits its outbox job
-        ),
-    )
+    store = await loop.run_in_executor(app[EXECUTORS].store, open_configured_store, app[CONFIG])
     app[STORE] = store
     yield
     await loop.run_in_executor(app[EXECUTORS].store, store.close)
@@ -220,12 +204,3 @@ async def _sync(app: web.Application) -> AsyncIterator[None]:
     log.info("sync: uploading to %s as box %s", config.sync.url, worker.box_id)
     yield
     await worker.stop(config.sync.shutdown_timeout_s)
-
-
-@web.middleware
-async def sync_budget_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With sync over its disk budget and `when_over_budget = "refuse"`, new images get 507."""
-    worker = request.app.get(SYNC)
-    if worker is not None and request.method == "POST" and request.path == "/check-image":
-        worker.check_budget()
-    return await handler(request)

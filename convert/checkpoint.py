@@ -9,7 +9,6 @@ pretrained weights.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 import zipfile
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from appliance.inference.model import sha256_file  # one definition, shared with the server's check
 
 from .errors import ConvertError
 
@@ -43,13 +44,6 @@ class LoadedModel:
         return isinstance(self.module, torch.jit.ScriptModule)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, *, arch: str = "resnet50", trust: bool = False) -> LoadedModel:

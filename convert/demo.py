@@ -92,7 +92,7 @@ def _fit_head(model: nn.Module, seed: int) -> None:
 
 def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False) -> Path:
     """Build the demo model directory `<out>/<name>/<version>/` and return it."""
-    from .checkpoint import load_checkpoint, sha256_file
+    from .checkpoint import load_checkpoint
     from .images import ImageSet
     from .pipeline import ConvertOptions, convert
 

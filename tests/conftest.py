@@ -155,6 +155,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real demo model (ResNet50, every artifact), built once per session by `convert`."""
+    from convert.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo-models"))
+
+
 @pytest.fixture
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model's version directory, free to tamper with."""

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from convert.__main__ import main
-from convert.demo import DEMO_SEED, build_demo, synthetic_photos
+from convert.demo import DEMO_SEED, synthetic_photos
 from convert.golden import margin
 from convert.images import preprocess_file
 from convert.runtimes import onnx_runner, openvino_runner
@@ -15,9 +15,9 @@ from convert.runtimes import onnx_runner, openvino_runner
 from .convert_helpers import assert_bars, assert_hashes, load_manifest
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("models"))
+@pytest.fixture
+def demo_dir(demo_model_dir):
+    return demo_model_dir
 
 
 def test_demo_manifest(demo_dir):

@@ -16,7 +16,7 @@ from appliance.keys import STORE
 from appliance.privacy import MetadataError, strip_metadata
 
 from .conftest import encode, photo
-from .test_api import USER, check
+from .test_api import check
 
 ORIENTATION, MAKE, MODEL = 0x0112, 0x010F, 0x0110
 XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><exif:GPSLatitude>52,22.5N</exif:GPSLatitude></x:xmpmeta>'

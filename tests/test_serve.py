@@ -39,9 +39,9 @@ def write_config(tmp_path: Path, model: Path, backend: str) -> Path:
 
 
 @contextlib.contextmanager
-def running(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`appliance serve` in a subprocess, its output in a log beside the config, killed at exit."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+def running(config: Path, **environ: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`appliance serve` in a subprocess, its output in server.log beside the config, killed at exit."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **environ}
     with open(config.parent / "server.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -21,7 +21,7 @@ import pytest
 from appliance.systemd import Notifier, watchdog_interval_s
 
 from .conftest import encode, photo, rewrite_manifest
-from .test_serve import free_port, post_image
+from .test_serve import free_port, post_image, running
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "appliance.service"
@@ -51,18 +51,9 @@ def write_config(tmp_path: Path, model: Path) -> tuple[Path, int]:
     return config, port
 
 
-@contextlib.contextmanager
-def started(config: Path, address: str, **environ: str) -> Iterator[subprocess.Popen[bytes]]:
+def started(config: Path, address: str, **environ: str) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`appliance serve` told to notify `address`; its output in server.log; killed at exit."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOTIFY_SOCKET": address, **environ}
-    with open(config.parent / "server.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            yield proc
-        finally:
-            proc.kill()
-            proc.wait(10)
+    return running(config, NOTIFY_SOCKET=address, **environ)
 
 
 def receive(sock: socket.socket) -> list[str]:

@@ -14,7 +14,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
-from ..keys import CLINIC, CONFIG
+from ..keys import CLINIC, CONFIG, SYNC
 from ..services import Caller, sanitize_user_id
 
 routes = web.RouteTableDef()
@@ -139,6 +139,9 @@ async def health(request: web.Request) -> web.Response:
 @routes.post("/check-image")
 async def check_image(request: web.Request) -> web.Response:
     who = caller(request)
+    sync = request.app.get(SYNC)
+    if sync is not None:
+        sync.check_budget()  # over the unsynced-data budget with policy "refuse": 507 before reading the body
     data, form_case_id = await read_upload(request)
     case_id = request.query.get("case_id", "").strip() or form_case_id or None
     return web.json_response(await request.app[CLINIC].check_image(who, data, case_id))

@@ -125,3 +125,20 @@ def open_store(backend: str, root: Path, **options: Any) -> Store:
     store: Store = cls(root, **options)
     store.open()
     return store
+
+
+def open_configured_store(config: Any, *, outbox: bool | None = None) -> Store:
+    """Open the store `config.storage` names, with its encryption key and, while sync is on, its outbox.
+
+    `outbox` overrides the sync setting (`appliance sync --once` drains even when the service has sync off).
+    """
+    from .crypto import load_sealer
+
+    storage = config.storage
+    return open_store(
+        storage.backend,
+        storage.root,
+        case_id_start=storage.case_id_start,
+        sealer=load_sealer(storage.encrypt, storage.key_file),
+        outbox=config.sync.enabled if outbox is None else outbox,
+    )

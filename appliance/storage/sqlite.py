@@ -20,7 +20,6 @@ row, and `open()` removes its file and temp files. Nothing walks the image tree.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator

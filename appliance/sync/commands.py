@@ -24,18 +24,11 @@ def sync_command(config: Any, *, status: bool, once: bool) -> int:
 
 
 async def _drain(config: Any) -> int:
-    from ..storage import open_store
-    from ..storage.crypto import load_sealer
+    from ..storage import open_configured_store
     from .worker import create_worker
 
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(None, lambda: open_store(
-        config.storage.backend,
-        config.storage.root,
-        case_id_start=config.storage.case_id_start,
-        sealer=load_sealer(config.storage.encrypt, config.storage.key_file),
-        outbox=True,
-    ))
+    store = await loop.run_in_executor(None, lambda: open_configured_store(config, outbox=True))
     try:
         worker = await loop.run_in_executor(None, create_worker, config, store)
         try:
