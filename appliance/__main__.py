@@ -1,4 +1,4 @@
-"""The `appliance` command: serve, check-config, convert."""
+"""The `appliance` command: serve, check-config, sync, import-legacy, convert."""
 
 from __future__ import annotations
 
@@ -140,21 +140,29 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
 
 
 def check_config(config: Config) -> int:
+    """Validate what start-up would, short of loading the model; fit for ExecStartPre=."""
     from .inference.model import choose_artifact, read_manifest, resolve_model_dir
     from .inference.runtimes import runtime_class
-
-    directory = resolve_model_dir(config.model.path)
-    manifest = read_manifest(directory)
-    artifact = choose_artifact(manifest, runtime_class(config.runtime.backend).formats, config.model.artifact)
+    from .modelfetch import cached_model_dir
     from .security import load_api_keys
-
-    load_api_keys(config)
     from .storage.crypto import load_sealer
 
+    load_api_keys(config)
     load_sealer(config.storage.encrypt, config.storage.key_file)  # a missing or malformed key fails here
-    print(f"config OK: model {manifest.name} v{manifest.version} ({artifact.key}{', DEMO' if manifest.demo else ''}) "
-          f"from {directory}; runtime {config.runtime.backend}; store {config.storage.backend} at {config.storage.root}; "
-          f"listening on {config.server.host}:{config.server.port}")
+    if config.model.url:
+        # Fetched and verified at start; the network is not asked here. Check the cached copy if any.
+        directory = cached_model_dir(config.model.url, Path(config.model.cache_dir))
+        origin = f"{config.model.url} (fetched at start; {'cached at ' + str(directory) if directory else 'nothing cached yet'})"
+    else:
+        directory = resolve_model_dir(config.model.path)
+        origin = str(directory)
+    model = "model not checked"
+    if directory is not None:
+        manifest = read_manifest(directory)
+        artifact = choose_artifact(manifest, runtime_class(config.runtime.backend).formats, config.model.artifact)
+        model = f"model {manifest.name} v{manifest.version} ({artifact.key}{', DEMO' if manifest.demo else ''})"
+    print(f"config OK: {model} from {origin}; runtime {config.runtime.backend}; "
+          f"store {config.storage.backend} at {config.storage.root}; listening on {config.server.host}:{config.server.port}")
     return 0
 
 

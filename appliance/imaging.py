@@ -49,6 +49,9 @@ from appliance.errors import BadRequest, ModelError, PayloadTooLarge, Unsupporte
 
 ACCEPTED_FORMATS = ("jpeg", "png", "webp")
 
+# Beyond this aspect ratio the resize works on the crop's box only (memory; see _preprocess).
+MAX_RESIZED_ASPECT = 8
+
 # Shorter side, in pixels, of the greyscale image the default blur score is computed on.
 BLUR_SHORT_SIDE = 512
 
@@ -421,10 +424,20 @@ def _preprocess(rgb: Image.Image, box: tuple, full_size: tuple[int, int], spec: 
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = spec.resize_shorter, int(spec.resize_shorter * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
     top = int(round((new_h - spec.crop) / 2.0))
     left = int(round((new_w - spec.crop) / 2.0))
-    crop = np.asarray(resized)[top : top + spec.crop, left : left + spec.crop]
+    if new_long <= MAX_RESIZED_ASPECT * new_short:
+        resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
+        crop = np.asarray(resized)[top : top + spec.crop, left : left + spec.crop]
+    else:
+        # A strip such as 30000x2 would become a 256x3840000 intermediate
+        # (gigabytes): resample only the centre crop's source box instead.
+        # The same filter up to one 8-bit rounding step (PIL's coefficients
+        # for an offset box round differently), which only such non-photos see.
+        x0, y0, x1, y1 = box
+        sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+        crop_box = (x0 + left * sx, y0 + top * sy, x0 + (left + spec.crop) * sx, y0 + (top + spec.crop) * sy)
+        crop = np.asarray(rgb.resize((spec.crop, spec.crop), Image.Resampling.BILINEAR, box=crop_box))
     # float32 throughout, operation for operation as ToTensor and Normalize.
     scaled = crop.astype(np.float32) / np.float32(255)
     normalised = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)

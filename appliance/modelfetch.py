@@ -43,11 +43,20 @@ def model_source(model: Any, bucket: Any) -> Path:
     return fetch_model(model.url, Path(model.cache_dir), bucket)
 
 
+def _cache_for(url: str, cache_dir: Path) -> Path:
+    return cache_dir / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def cached_model_dir(url: str, cache_dir: Path) -> Path | None:
+    """The last verified copy of the model at `url`, without touching the network; None if none."""
+    return _last_verified(_cache_for(url, cache_dir))
+
+
 def fetch_model(url: str, cache_dir: Path, bucket: Any) -> Path:
     """Fetch the model at `url` into the cache and return its version directory."""
     from .sync.targets import open_target
 
-    cache = cache_dir / hashlib.sha256(url.encode()).hexdigest()[:16]
+    cache = _cache_for(url, cache_dir)
     target = open_target(url, bucket, max_retries=1)
     try:
         return _download(target, url, cache)

@@ -73,8 +73,12 @@ def now_iso() -> str:
 
 
 def is_case_id(value: str) -> bool:
-    """Case ids are non-empty strings of ASCII digits."""
-    return value.isascii() and value.isdigit() and len(value) <= 32
+    """Case ids are decimal numbers as the counter writes them: digits, no leading zero, at most 18.
+
+    One spelling per id ("010000" would otherwise be a second case 10000), and
+    small enough for the stores' 64-bit counters.
+    """
+    return value.isascii() and value.isdigit() and len(value) <= 18 and (value == "0" or value[0] != "0")
 
 
 class Clinic:
@@ -131,8 +135,7 @@ class Clinic:
         probabilities = await self.scheduler.infer(decoded.tensor)
         self.observe("inference", time.monotonic() - started)
         predictions = self.rank(probabilities)
-        if case_id is None:
-            case_id = await self._in_store(self.store.next_case_id, caller.user_id)
+        case_id = await self._case_id_for(caller, case_id)
         blur_score = round(float(decoded.blur_score), 2)
         threshold = self.imaging.blur_threshold
         sharp = blur_score >= threshold
@@ -177,6 +180,13 @@ class Clinic:
         order = np.argsort(-probabilities, kind="stable")
         return [{"label": labels[i], "confidence": round(float(probabilities[i]), 6)} for i in order]
 
+    async def _case_id_for(self, caller: Caller, case_id: str | None) -> str:
+        """The client's case id, with the counter moved past it so it is never issued again; else the next id."""
+        if case_id is None:
+            return await self._in_store(self.store.next_case_id, caller.user_id)
+        await self._in_store(self.store.raise_case_counter, caller.user_id, int(case_id))
+        return case_id
+
     async def next_case_id(self, caller: Caller) -> str:
         """Allocate the caller's next case id."""
         return await self._in_store(self.store.next_case_id, caller.user_id)
@@ -202,6 +212,7 @@ class Clinic:
         else:
             record["status"] = record.get("status") or "pending"
         record.update(entry_type=entry_type, user_id=caller.user_id, user_role=caller.role)
+        await self._case_id_for(caller, record["case_id"])
         return await self._in_store(self.store.log_case, caller.user_id, record)
 
     async def update_case(self, caller: Caller, case_id: str, body: dict[str, Any]) -> dict[str, Any]:

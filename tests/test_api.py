@@ -333,3 +333,20 @@ async def test_every_accepted_image_kind(client: TestClient, fmt: str, mode: str
     status, body = await check(client, encode(image, fmt, **params))
     assert status == 200, body
     assert body["status"] in ("success", "fail") and len(body["predictions"]) == 7
+
+
+async def test_a_client_chosen_case_id_is_never_issued_again(client: TestClient) -> None:
+    response = await client.post("/cases", json={"case_id": "10000", "status": "Confirmed"}, headers=USER)
+    assert response.status == 200
+    _, body = await check(client, encode(photo()), query="?case_id=10003")
+    assert body["case_id"] == "10003"
+    assert (await (await client.post("/cases/next-id", headers=USER)).json()) == {"case_id": "10004"}
+    for bad in ("010000", "1" * 19):
+        response = await client.post("/cases", json={"case_id": bad}, headers=USER)
+        assert (response.status, await response.json()) == (400, {"detail": "Invalid case_id"})
+
+
+async def test_numbers_that_are_not_json_are_refused(client: TestClient) -> None:
+    for raw in (b'{"case_id": "10000", "blur_score": 1e400}', b'{"case_id": "10000", "blur_score": NaN}'):
+        response = await client.post("/cases", data=raw, headers={**USER, "Content-Type": "application/json"})
+        assert (response.status, await response.json()) == (422, {"detail": "Invalid JSON body"})

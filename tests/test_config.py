@@ -125,3 +125,13 @@ def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 1
     assert run.stderr == "appliance: error: runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'\n"
+
+
+def test_check_config_with_a_model_url_does_not_need_the_network(tmp_path: Path) -> None:
+    config = tmp_path / "bucket.toml"
+    config.write_text(f'[model]\nurl = "s3://models/ham10000"\ncache_dir = "{tmp_path / "cache"}"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(config)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(
+        "config OK: model not checked from s3://models/ham10000 (fetched at start; nothing cached yet); ")

@@ -537,3 +537,18 @@ def test_from_manifest_names_the_bad_key(change: dict, message: str) -> None:
     with pytest.raises(ModelError) as excinfo:
         Preprocessing.from_manifest({**table, **change})
     assert str(excinfo.value) == message
+
+
+def test_extreme_aspect_ratio_stays_small_and_close_to_the_reference() -> None:
+    # 30000x2 used to be resized whole to 3840000x256 before cropping (gigabytes).
+    rng = np.random.default_rng(7)
+    strip = Image.fromarray(rng.integers(0, 256, size=(2, 30000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    strip.save(buffer, "PNG")
+    decoded = decode(buffer.getvalue(), SPEC, max_pixels=MAX_PIXELS)
+    assert decoded.tensor.shape == (3, 224, 224)
+    small = Image.fromarray(rng.integers(0, 256, size=(2, 2000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    small.save(buffer, "PNG")
+    tensor = decode(buffer.getvalue(), SPEC, max_pixels=MAX_PIXELS).tensor
+    assert np.max(np.abs(tensor - reference(small))) <= 0.0176  # one 8-bit step at most

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
+from . import loads_strict
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG, SYNC
 from ..services import Caller, sanitize_user_id
@@ -52,17 +53,12 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise PayloadTooLarge(f"JSON body too large (limit {limit} bytes)")
     raw = await within_body_timeout(request, _read_json_capped(request, limit))
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant) if raw.strip() else {}
+        body = loads_strict(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested past the stack
         raise UnprocessableEntity("Invalid JSON body") from None
     if not isinstance(body, dict):
         raise UnprocessableEntity("Invalid JSON body: expected an object")
     return body
-
-
-def _refuse_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON; stored, they would make every later answer invalid JSON.
-    raise ValueError(f"{name} is not JSON")
 
 
 async def _read_json_capped(request: web.Request, limit: int) -> bytes:

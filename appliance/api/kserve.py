@@ -23,6 +23,7 @@ import numpy as np
 from aiohttp import web
 
 from .. import __version__, imaging
+from . import loads_strict
 from ..errors import ApplianceError, BadRequest, NotFound, Overloaded, PayloadTooLarge
 from ..inference.model import LoadedModel, Manifest
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE
@@ -188,7 +189,7 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
     """Validate an inference request (JSON, or JSON + binary tensor data); BadRequest names the fault."""
     head, binary = _split_body(body, header_length)
     try:
-        request = json.loads(head, parse_constant=_no_constant)
+        request = loads_strict(head, finite=False)  # tensor values get their own finite check
     except (ValueError, RecursionError):
         raise BadRequest("The inference request is not valid JSON") from None
     if not isinstance(request, dict):
@@ -292,10 +293,6 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if length > len(body):
         raise BadRequest(f"Header {HEADER_LENGTH} is {length} but the body holds {len(body)} bytes")
     return body[:length], body[length:]
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _quote(value: Any) -> str:
