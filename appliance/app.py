@@ -1,13 +1,14 @@
 """The application factory: routes, middlewares and each resource's lifetime.
 
 Start-up order (each a cleanup context, so aiohttp tears down in reverse and
-only what started): executors, store, sync worker (when enabled), model
-(fetched from model.url if set; load, warm up, self-check), scheduler, then
-the clinic service and readiness. Shutdown: aiohttp stops accepting and
-drains in-flight requests (`server.shutdown_timeout_s`), then readiness
-drops, the scheduler stops, the runtime is released, sync finishes its
-in-flight uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the
-store is flushed and closed, and the threads end.
+only what started): executors, model (fetched from model.url if set; load,
+warm up, self-check), scheduler, store, sync worker (when enabled), then the
+clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
+aiohttp stops accepting and drains in-flight requests
+(`server.shutdown_timeout_s`), readiness drops, sync finishes its in-flight
+uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the store is
+flushed and closed, the scheduler stops, the runtime is released, and the
+threads end.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     app.add_routes(ops.routes)
     app.add_routes(kserve.routes)
     app.add_routes(openapi.routes)
-    app.cleanup_ctx.extend([_executors, _store, _sync, _model, _scheduler, _clinic])
+    app.cleanup_ctx.extend([_executors, _model, _scheduler, _store, _sync, _clinic])
     app.on_shutdown.append(_not_ready)
     guards.setup_cors(app, config.server.allowed_origins)  # last: it covers every route added above
     return app
@@ -118,7 +119,8 @@ async def _executors(app: web.Application) -> AsyncIterator[None]:
     app[EXECUTORS] = executors
     yield
     for pool in (executors.decode, executors.inference, executors.store):
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Waiting for a thread's last task must not block the loop.
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

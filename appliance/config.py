@@ -190,10 +190,6 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "MODEL_URL": ("model", "url"),  # a bucket URL (appliance/modelfetch.py)
 }
 
-# Old variables this release does not implement yet: refusing to start beats
-# silently running without what the clinic asked for (e.g. unencrypted storage).
-UNSUPPORTED_LEGACY_ENV: tuple[str, ...] = ()
-
 # MODEL_DEVICE of the old server, mapped onto our runtime settings.
 MODEL_DEVICE_PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
@@ -427,9 +423,6 @@ def _path_keys() -> list[tuple[str, ...]]:
 
 
 def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name in UNSUPPORTED_LEGACY_ENV:
-        if environ.get(name, "").strip() and environ.get(name, "").strip().lower() not in ("0", "false", "no"):
-            raise ConfigError(f"{name} is set, but this release does not support it yet; unset it to start")
     for name, value in sorted(environ.items()):
         if name.startswith("APPLIANCE_") and "__" in name:
             path = [part.lower() for part in name[len("APPLIANCE_"):].split("__")]

@@ -70,3 +70,24 @@ async def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir: Path, e
     runtime.go.set()
     assert len(await asyncio.gather(running, *queued)) == 3
     await scheduler.stop()
+
+
+class FlakyRuntime(GatedRuntime):
+    """The real runtime, but its first batch fails as a lost device would."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(batch))
+        if len(self.batch_sizes) == 1:
+            raise RuntimeError("device lost")
+        return self.inner.infer(batch)
+
+
+async def test_a_failing_batch_fails_alone_and_the_batcher_lives_on(tiny_model_dir: Path, executor: ThreadPoolExecutor) -> None:
+    scheduler = Scheduler(FlakyRuntime(tiny_model_dir / "model.onnx"), executor,  # type: ignore[arg-type]
+                          max_batch=1, max_wait_s=0, queue_size=4)
+    scheduler.start()
+    tensor = np.zeros((3, 224, 224), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="device lost"):
+        await scheduler.infer(tensor)
+    assert (await scheduler.infer(tensor)).shape == (7,)
+    await scheduler.stop()

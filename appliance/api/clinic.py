@@ -7,7 +7,6 @@ middleware), then X-User-Id (400), then the body (413/415/422/400).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Awaitable, TypeVar
 
 from aiohttp import BodyPartReader, web

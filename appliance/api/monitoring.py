@@ -3,15 +3,14 @@
 The status page (`/`, `/static/*`) is public: it is a static shell holding no
 data. The figures it shows come from `/v1/status`, which like every API
 endpoint needs a key when keys are configured; the page asks for one and
-keeps it in the tab's sessionStorage. That keeps a single rule ("only
-/, /health, /ready and the page's files are open") and keeps infrastructure
+keeps it in the tab's sessionStorage. That keeps a single rule (only the
+probes, /openapi.json and the page's files are open) and keeps infrastructure
 details (sync errors, storage paths) away from anyone who merely reaches the box.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 import shutil
@@ -22,8 +21,10 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .. import __version__, keys
-from ..keys import API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE
+from .. import __version__
+from ..keys import (
+    API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC,
+)
 from ..services import sanitize_user_id
 
 log = logging.getLogger("appliance.access")
@@ -117,7 +118,7 @@ async def gather_facts(app: web.Application) -> dict[str, Any]:
                               "batches": scheduler.batches, "images": scheduler.images}
     if STORE in app:
         facts["storage"] = await asyncio.get_running_loop().run_in_executor(app[EXECUTORS].store, _store_figures, app)
-    facts["sync"] = await _sync_status(app)
+    facts["sync"] = _sync_status(app)
     return facts
 
 
@@ -135,25 +136,10 @@ def _store_figures(app: web.Application) -> dict[str, Any]:
     return figures
 
 
-async def _sync_status(app: web.Application) -> dict[str, Any] | None:
-    """The sync worker's figures when one runs (`keys.SYNC`), else None; its shape belongs to sync."""
-    key = getattr(keys, "SYNC", None)
-    worker = app.get(key) if key is not None else None
-    if worker is None:
-        return None
-    for name in ("status", "stats", "describe"):
-        method = getattr(worker, name, None)
-        if not callable(method):
-            continue
-        try:
-            if inspect.iscoroutinefunction(method):
-                result = await method()
-            else:  # may read the outbox: off the event loop
-                result = await asyncio.get_running_loop().run_in_executor(app[EXECUTORS].store, method)
-        except Exception as exc:
-            return {"error": str(exc)}
-        return dict(result) if isinstance(result, dict) else {"state": str(result)}
-    return {}
+def _sync_status(app: web.Application) -> dict[str, Any] | None:
+    """The sync worker's figures (kept current by the worker: no I/O), or None when sync is off."""
+    worker = app.get(SYNC)
+    return None if worker is None else worker.status()
 
 
 @routes.get("/metrics")

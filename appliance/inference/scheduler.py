@@ -41,6 +41,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._taken: list[_Job] = []  # jobs out of the queue, not yet answered
         self.batches = 0
         self.images = 0
         self.on_batch = on_batch or (lambda size: None)  # metrics hook: each runtime call's batch size
@@ -50,7 +51,7 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="inference-batcher")
 
     async def stop(self) -> None:
-        """Stop the batcher; jobs still queued fail with 503."""
+        """Stop the batcher; jobs taken or still queued fail with 503."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -58,10 +59,9 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(Overloaded("The appliance is shutting down"))
+        leftover = self._taken + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._taken = []
+        _fail(leftover, Overloaded("The appliance is shutting down"))
 
     @property
     def depth(self) -> int:
@@ -80,31 +80,35 @@ class Scheduler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
+            self._taken = [await self._queue.get()]
             # Requests that arrive while a batch runs wait in the queue and
             # form the next batch by themselves; the short sleep only gathers
             # stragglers when the queue is not already enough for a batch.
             if self.max_wait_s > 0 and self._queue.qsize() < self.max_batch - 1:
                 await asyncio.sleep(self.max_wait_s)
-            while len(jobs) < self.max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            jobs = [job for job in jobs if not job.future.cancelled()]
-            if jobs:
-                await self._run_batch(loop, jobs)
+            while len(self._taken) < self.max_batch and not self._queue.empty():
+                self._taken.append(self._queue.get_nowait())
+            jobs = [job for job in self._taken if not job.future.cancelled()]
+            try:
+                if jobs:
+                    await self._run_batch(loop, jobs)
+            except Exception as exc:  # whatever fails, this batch answers and the batcher lives on
+                log.exception("inference failed for a batch of %d", len(jobs))
+                _fail(jobs, exc)
+            self._taken = []
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         batch = np.stack([job.tensor for job in jobs])
-        try:
-            outputs = await loop.run_in_executor(self.executor, self.runtime.infer, batch)
-        except Exception as exc:
-            log.exception("inference failed for a batch of %d", len(jobs))
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return
+        outputs = await loop.run_in_executor(self.executor, self.runtime.infer, batch)
         self.batches += 1
         self.images += len(jobs)
-        self.on_batch(len(jobs))
         for job, row in zip(jobs, outputs):
             if not job.future.done():
                 job.future.set_result(row)
+        self.on_batch(len(jobs))
+
+
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)

@@ -61,9 +61,9 @@ function render(status) {
     set("sync-backlog", null);
     set("sync-error", null);
   } else {
-    set("sync-state", sync.state || sync.target || "running");
-    set("sync-backlog", sync.backlog !== undefined ? sync.backlog : sync.pending);
-    set("sync-error", sync.last_error || sync.error || "none");
+    set("sync-state", sync.state);
+    set("sync-backlog", sync.backlog);
+    set("sync-error", sync.last_error || "none");
   }
   set("summary", (model.name ? model.name + " v" + model.version : "No model") + " on " + (runtime.runtime || "?") +
       " · " + (status.appliance.ready ? "ready" : "NOT READY"));
