@@ -16,6 +16,11 @@ def convert_ir(onnx_path: Path, xml_path: Path, *, compress_to_fp16: bool = Fals
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX-512 BF16 or AMX); else OpenVINO would emulate or refuse it."""
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVINORunner:
     """An IR compiled for CPU with f32 inference precision forced.
 

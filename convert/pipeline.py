@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,19 @@ def _latency_ms(runner: Runner, sample: np.ndarray) -> float:
     return round(float(np.median(times)) * 1000, 2)
 
 
+BF16_ROW = "openvino@bf16"
+
+
+def _bf16(xml_path: Path, verify: Callable[[str, Runner, str], Parity]) -> tuple[str, Parity | None, str]:
+    """The FP32 IR run with bf16 inference precision (a serving option): its parity row, if this CPU has bf16."""
+    from .openvino import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        return (BF16_ROW, None, "not measured: this CPU has no native bf16")
+    return (BF16_ROW, verify(BF16_ROW, openvino_runner(xml_path, precision="bf16"), "bf16"),
+            "serving option of openvino-fp32 (runtime.openvino.inference_precision = \"bf16\")")
+
+
 def _build(model, root, work, name, version, calib, heldout, heldout_source, calibration, options, source_extra):
     from .export import export_onnx
     from .openvino import convert_ir
@@ -179,7 +193,10 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
     say("converting to OpenVINO IR FP32")
     ov_fp32 = convert_ir(onnx_fp32, root / "openvino" / "fp32" / "model.xml")
     runner = openvino_runner(ov_fp32[0])
-    artifacts.append(_Artifact("openvino-fp32", "openvino", "fp32", ov_fp32, runner, verify("openvino-fp32", runner, "fp32"), {"inference_precision": "f32"}))
+    bf16_row = _bf16(ov_fp32[0], verify)
+    bf16 = bf16_row[1].to_json() if bf16_row[1] is not None else None
+    artifacts.append(_Artifact("openvino-fp32", "openvino", "fp32", ov_fp32, runner, verify("openvino-fp32", runner, "fp32"),
+                               {"inference_precision": "f32", "bf16_parity": bf16}))
     if options.fp16:
         ov_fp16 = convert_ir(onnx_fp32, root / "openvino" / "fp16" / "model.xml", compress_to_fp16=True)
         runner = openvino_runner(ov_fp16[0])
@@ -224,7 +241,8 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
         )
         rows.append((art.key, art.parity, "degraded, kept (--allow-degraded)" if not art.parity.passed else ""))
     rows.extend(rows_int8)
-    order = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"]
+    rows.append(bf16_row)
+    order = ["onnx-fp32", "onnx-int8", "openvino-fp32", BF16_ROW, "openvino-fp16", "openvino-int8"]
     rows.sort(key=lambda r: order.index(r[0]) if r[0] in order else len(order))
 
     source = {

@@ -42,6 +42,18 @@ def test_demo_meets_every_parity_bar(demo_dir):
     assert artifacts["openvino-int8"]["parity"]["top1_agreement"] >= 0.99
 
 
+def test_bf16_serving_option_is_reported(demo_dir):
+    from convert.openvino import cpu_has_bf16
+
+    bf16 = load_manifest(demo_dir)["artifacts"]["openvino-fp32"]["bf16_parity"]
+    if not cpu_has_bf16():  # recorded as not measured rather than emulated
+        assert bf16 is None
+        return
+    assert bf16["images"] == 100 and bf16["bar"] == {"top1_agreement": 0.99}
+    assert bf16["passed"] == (bf16["top1_agreement"] >= 0.99)
+    assert 0 < bf16["max_abs_dp"] < 0.5  # bf16 really ran: not bit-equal to f32, not garbage
+
+
 def test_demo_answers_vary_with_the_input(demo_dir):
     run = onnx_runner(demo_dir / "model.onnx")
     from convert.images import preprocess
