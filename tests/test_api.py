@@ -66,8 +66,8 @@ async def test_check_image_answers_the_contract(client: TestClient) -> None:
     got = np.array([confidences[labels.index(label)] for label in LABELS])
     assert np.max(np.abs(got - expected)) < 1e-3
     assert body["low_confidence"] == (confidences[0] < 0.5)
-    assert body["model"] == {"name": "tiny", "version": "1", "artifact": "onnx-fp32", "precision": "fp32",
-                             "runtime": "onnxruntime", "device": "CPU", "demo": True}
+    assert body["model"] == {"name": "tiny", "version": "1", "artifact": "openvino-fp32", "precision": "fp32",
+                             "runtime": "openvino", "device": "CPU", "demo": True}
 
 
 async def test_blurry_image_is_classified_and_stored_but_fails(client: TestClient) -> None:
@@ -295,7 +295,7 @@ async def test_ready_and_info(client: TestClient, backend: str) -> None:
     assert body["checks"] == {"model": True, "store": True}
     info = await (await client.get("/v1/info")).json()
     assert info["model"]["name"] == "tiny" and info["labels"] == list(LABELS)
-    assert info["runtime"]["providers"] == ["CPUExecutionProvider"]
+    assert info["runtime"]["runtime"] == "openvino" and info["runtime"]["inference_precision"] == "f32"
     assert info["selfcheck"]["max_abs_dp"] <= info["selfcheck"]["allowed"]
     assert info["storage"] == {"backend": backend}
 

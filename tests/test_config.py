@@ -87,7 +87,10 @@ def test_old_environment_variables_override_the_file(tmp_path: Path) -> None:
     assert (config.imaging.blur_threshold, config.imaging.conf_threshold) == (55.5, 0.7)
     assert (config.storage.root, config.storage.case_id_start) == (Path("/srv/data"), 500)
     assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert config.runtime.backend == "onnxruntime"
     assert config.runtime.selected.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    # MODEL_DEVICE=cpu, in many old unit files, keeps the (faster) default runtime.
+    assert load_config(ROOT / "config.toml", environ={"MODEL_DEVICE": "cpu"}).runtime.backend == "openvino"
 
 
 def test_appliance_variables_override_any_key() -> None:
@@ -118,7 +121,7 @@ def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(good)],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("config OK: model tiny v1 (onnx-fp32, DEMO) from ")
+    assert run.stdout.startswith("config OK: model tiny v1 (openvino-fp32, DEMO) from ")
     bad = tmp_path / "bad.toml"
     bad.write_text('[runtime.openvino]\ndevice = "gpu0"\n')
     run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(bad)],

@@ -122,7 +122,7 @@ def test_server_live_ready_and_metadata(client: triton.InferenceServerClient) ->
 
 def test_model_metadata_and_readiness(client: triton.InferenceServerClient) -> None:
     metadata = {
-        "name": "tiny", "versions": ["1"], "platform": "onnxruntime_onnx",
+        "name": "tiny", "versions": ["1"], "platform": "openvino",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": INPUT_SHAPE}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(LABELS)]}],
         "parameters": {"labels": list(LABELS), "demo": True},

@@ -57,8 +57,8 @@ async def test_metrics_count_requests_stages_batches_and_store(client: TestClien
     assert m[("appliance_store_cases", ())] == 1
     assert m[("appliance_ready", ())] == 1
     assert m[("appliance_requests_in_progress", ())] == 1  # the scrape itself
-    assert m[("appliance_model_info", (("artifact", "onnx-fp32"), ("demo", "true"), ("device", "CPU"), ("name", "tiny"),
-                                       ("runtime", "onnxruntime"), ("version", "1")))] == 1
+    assert m[("appliance_model_info", (("artifact", "openvino-fp32"), ("demo", "true"), ("device", "CPU"), ("name", "tiny"),
+                                       ("runtime", "openvino"), ("version", "1")))] == 1
     assert not any(name.startswith("appliance_sync") for name, _ in m)  # no sync worker in this app
     assert not any(name.startswith("appliance_") for name in REGISTRY._names_to_collectors)  # own registry only
 
@@ -113,7 +113,7 @@ async def test_status_json(aiohttp_client: Any, make_config: Any) -> None:
     status = await response.json()
     assert status["appliance"]["ready"] is True and status["appliance"]["uptime_s"] >= 0
     assert status["model"]["name"] == "tiny" and status["model"]["demo"] is True
-    assert status["runtime"]["runtime"] == "onnxruntime" and status["runtime"]["device"] == "CPU"
+    assert status["runtime"]["runtime"] == "openvino" and status["runtime"]["device"] == "CPU"
     recent = status["recent"]
     assert (recent["requests"], recent["client_errors"], recent["server_errors"]) == (2, 0, 0)
     assert 0 < recent["p50_ms"] <= recent["p95_ms"]

@@ -20,7 +20,7 @@ class GatedRuntime:
     """A real ONNX Runtime session that waits for the test's go before each batch."""
 
     def __init__(self, model_file: Path) -> None:
-        self.inner = create_runtime("onnxruntime", parse_config({}).runtime.selected)
+        self.inner = create_runtime("onnxruntime", parse_config({}).runtime.options["onnxruntime"])
         self.inner.load(model_file)
         self.go = threading.Event()
         self.batch_sizes: list[int] = []

@@ -137,7 +137,7 @@ async def test_status_page_shows_live_numbers(aiohttp_server: Any, make_config: 
     await page.send("Page.navigate", url=f"{base}/")
     await page.wait_for(TEXT.format("requests"), "7")
     assert await page.evaluate(TEXT.format("model-name")) == "tiny"
-    assert await page.evaluate(TEXT.format("runtime-name")) == "onnxruntime"
+    assert await page.evaluate(TEXT.format("runtime-name")) == "openvino"
     assert await page.evaluate(TEXT.format("runtime-device")) == "CPU"
     assert await page.evaluate(TEXT.format("storage-images")) == "3"
     assert await page.evaluate(TEXT.format("ready")) == "yes"
