@@ -195,6 +195,11 @@ def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: b
         report.case_records += 1
 
     _import_counter(user_dir / COUNTER, user_id, store, report)
+    # A missing or stale case_counter.json must not let next-id hand out an id
+    # the imported records already use: the counter also moves past every one.
+    used = [int(c) for c in [*cases, *(str(rec.get("case_id")) for rec, _ in images.values())] if c.isdigit()]
+    if used:
+        store.raise_case_counter(user_id, max(used))
 
 
 def _read_image(path: Path, sealer: Sealer, strip_metadata: bool, report: ImportReport) -> StoredImage | None:

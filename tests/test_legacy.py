@@ -223,3 +223,17 @@ def test_the_command_reports_and_sets_its_exit_status(tmp_path: Path, capsys: py
     assert capsys.readouterr().err == (
         f"appliance: error: import: DATA_ENCRYPTION_KEY does not decrypt {source / 'gp01' / 'metadata.jsonl'}:1: wrong key?\n"
     )
+
+
+def test_counter_moves_past_imported_case_ids_without_a_counter_file(tmp_path: Path) -> None:
+
+    root = tmp_path / "old" / "user001"
+    root.mkdir(parents=True)
+    lines = [{"case_id": "10007", "entry_type": "case", "status": "Confirmed", "created_at": "2026-01-01T00:00:00"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    store = open_store("sqlite", tmp_path / "new")
+    try:
+        import_legacy(tmp_path / "old", store, sealer=Sealer(None))
+        assert store.next_case_id("user001") == "10008"
+    finally:
+        store.close()

@@ -551,3 +551,10 @@ def test_sync_once_exits_1_with_the_error_when_the_bucket_is_unreachable(
     err = capsys.readouterr().err
     assert err.startswith("appliance: sync stopped at an error: image user001/img-1: ")
     assert "; uploaded 0 objects to s3://nowhere/clinic; 1 jobs (" in err
+
+
+def test_a_record_with_a_lone_surrogate_still_makes_an_object_body() -> None:
+    from appliance.sync.worker import _json
+
+    body = _json({"notes": "\ud800", "case_id": "10000"})
+    assert json.loads(body) == {"notes": "\ud800", "case_id": "10000"}

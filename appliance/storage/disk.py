@@ -37,7 +37,7 @@ from ..sync.outbox import create_table as create_outbox_table
 from ..sync.outbox import enqueue as enqueue_job
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
-from .crypto import Sealer, envelope_bytes
+from .crypto import Sealer, envelope_bytes, is_sealed_record
 from .files import (
     IMAGE_SUFFIXES,
     append_durable,
@@ -92,7 +92,7 @@ def _parse_line(raw: bytes) -> _Line:
         rec = json.loads(raw)
     except ValueError:
         return _Line({}, raw, readable=False)
-    if not isinstance(rec, dict) or set(rec) == {"enc", "v"}:
+    if not isinstance(rec, dict) or is_sealed_record(rec):
         return _Line({}, raw, readable=False)
     return _Line(rec, raw)
 

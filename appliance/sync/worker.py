@@ -275,8 +275,12 @@ class SyncWorker:
 
 
 def _json(record: dict[str, Any]) -> bytes:
-    """A record's object body: sorted keys, so equal records give equal bytes."""
-    return json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+    """A record's object body: sorted keys, so equal records give equal bytes.
+
+    ASCII-escaped: a lone surrogate the client sent in a note is valid JSON
+    input but not encodable as UTF-8, and would block its job forever.
+    """
+    return json.dumps(record, sort_keys=True).encode()
 
 
 def create_worker(config: Any, store: Store) -> SyncWorker:
