@@ -202,7 +202,7 @@ async def _sync(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     worker = await loop.run_in_executor(app[EXECUTORS].store, create_worker, config, app[STORE])
     app[SYNC] = worker
-    worker.start()
+    await worker.start()
     log.info("sync: uploading to %s as box %s", config.sync.url, worker.box_id)
     yield
     await worker.stop(config.sync.shutdown_timeout_s)

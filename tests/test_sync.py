@@ -111,16 +111,26 @@ async def sync_status(client: TestClient) -> dict[str, Any]:
     return (await response.json())["sync"]
 
 
-async def wait_synced(client: TestClient, timeout_s: float = 60) -> dict[str, Any]:
-    """Wait for an empty backlog, as counted after this call began."""
+async def wait_status(client: TestClient, wanted: Callable[[dict[str, Any]], bool],
+                      timeout_s: float = 60) -> dict[str, Any]:
+    """Wait for a sync status that is `wanted`, its backlog counted after this call began.
+
+    The worker re-reads its backlog between batches, so a status read at once may still
+    count the outbox as it was before the caller's last request.
+    """
     since = datetime.now(timezone.utc)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = await sync_status(client)
-        if status["backlog"] == 0 and datetime.fromisoformat(status["checked_at"]) > since:
+        if datetime.fromisoformat(status["checked_at"]) > since and wanted(status):
             return status
         await asyncio.sleep(0.05)
-    raise AssertionError(f"sync did not drain: {status}")
+    raise AssertionError(f"sync status never became what was wanted: {status}")
+
+
+async def wait_synced(client: TestClient, timeout_s: float = 60) -> dict[str, Any]:
+    """Wait for an empty backlog, as counted after this call began."""
+    return await wait_status(client, lambda status: status["backlog"] == 0, timeout_s)
 
 
 def expected_objects(store: Any, user: str = "user001") -> dict[str, bytes]:
@@ -224,12 +234,8 @@ async def test_a_stopped_bucket_server_loses_nothing_and_drains_when_back(
         server.stop()  # mid-drain: some of those may be in flight
         for seed in range(3, 6):
             await check(client, encode(photo(seed=seed)))  # still answered while the bucket is down
-        deadline = time.monotonic() + 60
-        status = await sync_status(client)
-        while status["state"] != "failing" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            status = await sync_status(client)
-        assert status["state"] == "failing" and status["backlog"] >= 3 and status["last_error"]
+        status = await wait_status(client, lambda status: status["state"] == "failing")
+        assert status["backlog"] >= 3 and status["last_error"]
         assert status["bytes_pending"] > 0 and status["oldest_pending"] is not None
         server.start()
         await wait_synced(client)

@@ -86,8 +86,9 @@ class SyncWorker:
 
     # -- lifetime -------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the drain loop as a background task."""
+    async def start(self) -> None:
+        """Count the backlog (so the first status is true), then start the drain loop as a task."""
+        await self.refresh()
         self._task = asyncio.get_running_loop().create_task(self.run(), name="sync-worker")
 
     async def stop(self, timeout_s: float) -> None:
@@ -110,7 +111,6 @@ class SyncWorker:
 
     async def run(self) -> None:
         """Drain due jobs until stopped; sleep `poll_interval_s` (or until the next retry) when idle."""
-        await self.refresh()
         while not self._stop.is_set():
             try:
                 jobs = await self._call(self.outbox.due, self.clock(), self._batch_size())
