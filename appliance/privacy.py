@@ -19,6 +19,7 @@ size and the VP8X flags.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -33,6 +34,9 @@ _JPEG_KEEP_APP = {
 }
 # Markers without a length field: TEM, RST0-7, SOI (EOI ends the walk).
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8}
+# Inside entropy-coded data FF 00 is a stuffed FF byte, FF D0-D7 a restart marker and
+# FF FF fill: all part of the scan. Any other FF xx is the next marker (one C-speed pass).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"tIME"}
 # VP8X flag bits (first payload byte).
@@ -129,17 +133,8 @@ def _strip_jpeg(data: bytes) -> bytes:
 
 def _jpeg_scan_end(data: bytes, pos: int) -> int:
     """The offset of the first marker after entropy-coded data starting at `pos` (or the end)."""
-    size = len(data)
-    while True:
-        pos = data.find(b"\xff", pos)
-        if pos < 0 or pos + 1 >= size:
-            return size
-        following = data[pos + 1]
-        # 00 is a stuffed FF byte, D0-D7 are restart markers, FF is fill: all part of the scan.
-        if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-            pos += 1
-            continue
-        return pos
+    found = _JPEG_NEXT_MARKER.search(data, pos)
+    return len(data) if found is None else found.start()
 
 
 def _jpeg_app_kept(marker: int, payload: bytes) -> bytes | None:

@@ -127,6 +127,18 @@ def test_plain_pil_jpeg_is_left_byte_identical() -> None:
     assert strip_metadata(data, "jpeg") == data
 
 
+def test_progressive_jpeg_with_restart_markers_keeps_every_scan() -> None:
+    # Several scans with tables between them, RSTn markers and stuffed FF 00 bytes inside
+    # the entropy-coded data: the scan walk must stop only at real markers.
+    data = encode(photo(640, 480, seed=5), "JPEG", progressive=True, restart_marker_rows=1, exif=gps_exif())
+    scans = data.count(b"\xff\xda")
+    assert scans > 1 and b"\xff\xd0" in data and b"\xff\x00" in data
+    stripped = strip_metadata(data, "jpeg")
+    assert stripped.count(b"\xff\xda") == scans and exif_of(stripped) == {ORIENTATION: 6, "gps": {}}
+    assert jpeg_scan(stripped) == jpeg_scan(data)
+    assert np.array_equal(pixels(stripped), pixels(data))
+
+
 def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I4s", len(body), kind) + body + struct.pack(">I", zlib.crc32(kind + body))
 
