@@ -211,7 +211,7 @@ def load_model(path: Path, requested: str, runtime_name: str, runtime_config: An
     model = LoadedModel(manifest, artifact, runtime)
     try:
         warm_up(model, max_batch)
-        model.selfcheck_max_abs_dp = self_check(model)
+        model.selfcheck_max_abs_dp = self_check(model, max_batch)
     except BaseException:
         runtime.close()
         raise
@@ -239,8 +239,12 @@ def warm_up(model: LoadedModel, max_batch: int) -> None:
             )
 
 
-def self_check(model: LoadedModel) -> float:
-    """Run the golden images through our own decode + runtime path; return the worst |Δp|."""
+def self_check(model: LoadedModel, max_batch: int) -> float:
+    """Run the golden images through our own decode + runtime path; return the worst |Δp|.
+
+    In batches no larger than serving uses, so the runtime's memory arena never
+    grows beyond what serving needs (ONNX Runtime keeps it for the process's life).
+    """
     manifest = model.manifest
     if not manifest.golden:
         raise ModelError(f"{manifest.directory / MANIFEST}: no golden images; the self-check cannot run")
@@ -248,7 +252,8 @@ def self_check(model: LoadedModel) -> float:
     for file, _ in manifest.golden:
         data = (manifest.directory / file).read_bytes()
         tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40).tensor)
-    answers = model.runtime.infer(np.stack(tensors))
+    answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
+                              for i in range(0, len(tensors), max_batch)])
     worst = 0.0
     limit = model.artifact.selfcheck_max_abs_dp
     for (file, expected), got in zip(manifest.golden, answers):
