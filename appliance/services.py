@@ -116,23 +116,29 @@ class Clinic:
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        decoded = await loop.run_in_executor(
-            self._decode_executor,
-            lambda: imaging.decode(
-                data,
-                self.model.manifest.preprocessing,
-                max_pixels=self.imaging.max_pixels,
-                blur_full_resolution=self.imaging.blur_full_resolution,
-            ),
-        )
-        self.observe("decode", time.monotonic() - started)
-        # Stripped after decoding, which read the orientation from the original
-        # (stripping keeps it anyway); what is stored and counted is the stripped copy.
+        decoding = time.monotonic()
+        with self.scheduler.incoming():
+            decoded = await loop.run_in_executor(
+                self._decode_executor,
+                lambda: imaging.decode(
+                    data,
+                    self.model.manifest.preprocessing,
+                    max_pixels=self.imaging.max_pixels,
+                    blur_full_resolution=self.imaging.blur_full_resolution,
+                ),
+            )
+            started = time.monotonic()
+            self.observe("decode", started - decoding)
+            inference = self.scheduler.submit(decoded.tensor)  # queued before the announcement ends
+        # Stripped while the model runs, after decoding read the orientation from the
+        # original (stripping keeps it anyway); what is stored and counted is the stripped copy.
         if self.strip_metadata:
-            data = await loop.run_in_executor(self._decode_executor, _strip, data, image_format)
-        started = time.monotonic()
-        probabilities = await self.scheduler.infer(decoded.tensor)
+            try:
+                data = await loop.run_in_executor(self._decode_executor, _strip, data, image_format)
+            except BaseException:
+                inference.cancel()
+                raise
+        probabilities = await inference
         self.observe("inference", time.monotonic() - started)
         predictions = self.rank(probabilities)
         case_id = await self._case_id_for(caller, case_id)

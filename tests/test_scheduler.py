@@ -91,3 +91,38 @@ async def test_a_failing_batch_fails_alone_and_the_batcher_lives_on(tiny_model_d
         await scheduler.infer(tensor)
     assert (await scheduler.infer(tensor)).shape == (7,)
     await scheduler.stop()
+
+
+async def test_the_batcher_waits_for_announced_requests_and_never_for_none(
+        tiny_model_dir: Path, executor: ThreadPoolExecutor) -> None:
+    runtime = GatedRuntime(tiny_model_dir / "model.onnx")
+    runtime.go.set()
+    # A gathering wait far longer than the test may take: it passes only if the batcher
+    # stops waiting as soon as nobody more can come, or the batch is full.
+    scheduler = Scheduler(runtime, executor, max_batch=3, max_wait_s=3600, queue_size=8)  # type: ignore[arg-type]
+    scheduler.start()
+    rng = np.random.default_rng(2)
+    tensors = [rng.normal(size=(3, 224, 224)).astype(np.float32) for _ in range(6)]
+    expected = runtime.inner.infer(np.stack(tensors))
+
+    # Alone: nobody announced, so no wait at all.
+    np.testing.assert_allclose(await asyncio.wait_for(scheduler.infer(tensors[0]), 60), expected[0], atol=1e-6)
+    # One request queued while another decodes: it waits for that one, which ends the wait
+    # by ending its announcement (here after queueing its tensor), and they share a batch.
+    with scheduler.incoming():
+        first = scheduler.submit(tensors[1])
+        await asyncio.sleep(0.05)
+        assert not first.done()  # held for the announced request
+        second = scheduler.submit(tensors[2])
+    np.testing.assert_allclose(await asyncio.wait_for(asyncio.gather(first, second), 60), expected[1:3], atol=1e-6)
+    # An announced request that never queues (its upload was refused) also ends the wait.
+    with scheduler.incoming():
+        third = scheduler.submit(tensors[3])
+        await asyncio.sleep(0.05)
+    np.testing.assert_allclose(await asyncio.wait_for(third, 60), expected[3], atol=1e-6)
+    # A full batch ends the wait though more are announced.
+    with scheduler.incoming(), scheduler.incoming():
+        batch = [scheduler.submit(t) for t in tensors[3:6]]
+        np.testing.assert_allclose(await asyncio.wait_for(asyncio.gather(*batch), 60), expected[3:6], atol=1e-6)
+    assert runtime.batch_sizes == [1, 2, 1, 3]
+    await scheduler.stop()

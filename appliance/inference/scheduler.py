@@ -5,14 +5,19 @@ Requests put one preprocessed tensor each into a queue of fixed size (full:
 first waiting tensor, gathers more for at most `max_wait_s` or until
 `max_batch`, and runs the batch on the app's single inference thread; the
 runtime itself uses every core for one batch, so more threads would only
-contend.
+contend. The gathering wait lasts only while another request is on its way
+(announced with `incoming()` while it decodes) and ends as soon as the batch
+is full or nobody else is coming: a lone request never waits for a companion
+that cannot come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +47,8 @@ class Scheduler:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
         self._taken: list[_Job] = []  # jobs out of the queue, not yet answered
+        self._incoming = 0  # requests decoding now, whose tensors will follow
+        self._changed = asyncio.Event()  # a tensor arrived or an announced request ended
         self.batches = 0
         self.images = 0
         self.on_batch = on_batch or (lambda size: None)  # metrics hook: each runtime call's batch size
@@ -68,24 +75,38 @@ class Scheduler:
         """Tensors waiting for a batch."""
         return self._queue.qsize()
 
-    async def infer(self, tensor: np.ndarray) -> np.ndarray:
-        """The model's output row for one preprocessed image."""
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that will `submit` a tensor before this block ends (wrap its decoding)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._changed.set()
+
+    def submit(self, tensor: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue one preprocessed image now; the future is its output row (cancel it to withdraw)."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Job(tensor, future))
         except asyncio.QueueFull:
             raise Overloaded("The inference queue is full; retry shortly") from None
-        return await future
+        self._changed.set()
+        return future
+
+    async def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """The model's output row for one preprocessed image."""
+        return await self.submit(tensor)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._taken = [await self._queue.get()]
             # Requests that arrive while a batch runs wait in the queue and
-            # form the next batch by themselves; the short sleep only gathers
-            # stragglers when the queue is not already enough for a batch.
-            if self.max_wait_s > 0 and self._queue.qsize() < self.max_batch - 1:
-                await asyncio.sleep(self.max_wait_s)
+            # form the next batch by themselves; the wait only gathers
+            # stragglers still decoding when the queue is not already enough for a batch.
+            await self._gather(loop.time() + self.max_wait_s)
             while len(self._taken) < self.max_batch and not self._queue.empty():
                 self._taken.append(self._queue.get_nowait())
             jobs = [job for job in self._taken if not job.future.cancelled()]
@@ -96,6 +117,19 @@ class Scheduler:
                 log.exception("inference failed for a batch of %d", len(jobs))
                 _fail(jobs, exc)
             self._taken = []
+
+    async def _gather(self, deadline: float) -> None:
+        """Wait until the queue holds a full batch, nobody announced is left, or `deadline`."""
+        loop = asyncio.get_running_loop()
+        while self._incoming > 0 and self._queue.qsize() < self.max_batch - 1:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         batch = np.stack([job.tensor for job in jobs])
