@@ -66,7 +66,7 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
         ({"imaging": {"blur_full_resolution": "maybe"}}, "imaging.blur_full_resolution: expected true or false; got 'maybe'"),
         ({"server": {"tls_cert_file": "c.pem"}}, "server.tls_cert_file and server.tls_key_file: expected both or neither"),
         ({"runtime": {"onnxruntime": {"providers": "CPUExecutionProvider", "x": 1}}},
-         "runtime.onnxruntime.x: unknown key (expected one of allow_fallback, providers, threads)"),
+         "runtime.onnxruntime.x: unknown key (expected one of allow_fallback, providers, spinning, threads)"),
     ],
 )
 def test_errors_name_the_key(raw: dict, message: str) -> None:

@@ -88,3 +88,13 @@ def test_openvino_compiled_model_cache(tiny_model_dir: Path, tmp_path: Path) -> 
     runtime = create_runtime("openvino", config.runtime.options["openvino"])
     runtime.load(tiny_model_dir / "openvino/fp32/model.xml")
     assert any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnx_thread_spinning_follows_the_config(tiny_model_dir: Path, spinning: bool) -> None:
+    config = parse_config({"runtime": {"onnxruntime": {"spinning": spinning}}} if spinning else {})
+    runtime = create_runtime("onnxruntime", config.runtime.options["onnxruntime"])
+    runtime.load(tiny_model_dir / "model.onnx")
+    options = runtime._session.get_session_options()  # the session as onnxruntime built it
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    runtime.close()

@@ -21,6 +21,7 @@ class OnnxRuntimeConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     allow_fallback: bool = False
     threads: int = 0
+    spinning: bool = False
 
 
 class OnnxRuntime:
@@ -53,6 +54,9 @@ class OnnxRuntime:
         if self.config.threads:
             options.intra_op_num_threads = self.config.threads
         options.inter_op_num_threads = 1
+        # Spinning workers wait for each other at every barrier by burning a core; on a
+        # small box that core is the one decoding the next upload (bench/NOTES.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.spinning else "0")
         try:
             self._session = ort.InferenceSession(str(model_file), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own untyped errors
