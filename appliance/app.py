@@ -27,9 +27,10 @@ from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import (
     API_KEYS, BODY_SLOTS, CLINIC, CONFIG, EXECUTORS, METRICS, MODEL, RATE_LIMITER, SCHEDULER, STATE, STORE, SYNC,
-    Executors, State,
+    TRIMMER, Executors, State,
 )
 from .limits import BodySlots, RateLimiter
+from .memory import IdleTrimmer, find_malloc_trim
 from .metrics import Metrics
 from .modelfetch import model_source
 from .security import ApiKeys, load_api_keys
@@ -103,7 +104,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     app.add_routes(ops.routes)
     app.add_routes(kserve.routes)
     app.add_routes(openapi.routes)
-    app.cleanup_ctx.extend([_executors, _model, _scheduler, _store, _sync, _clinic])
+    app.cleanup_ctx.extend([_executors, _model, _scheduler, _store, _sync, _clinic, _memory])
     app.on_shutdown.append(_not_ready)
     guards.setup_cors(app, config.server.allowed_origins)  # last: it covers every route added above
     return app
@@ -182,6 +183,20 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
     app[STATE].ready = True
     yield
     app[STATE].ready = False
+
+
+async def _memory(app: web.Application) -> AsyncIterator[None]:
+    """Give memory back to the OS after bursts of uploads (glibc only; see appliance/memory.py)."""
+    trim = find_malloc_trim()
+    if trim is None:
+        yield
+        return
+    trimmer = IdleTrimmer(app[BODY_SLOTS], trim)
+    app[TRIMMER] = trimmer
+    task = asyncio.get_running_loop().create_task(trimmer.run(), name="memory-trimmer")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _not_ready(app: web.Application) -> None:

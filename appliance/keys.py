@@ -12,6 +12,7 @@ from .config import Config
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
 from .limits import BodySlots, RateLimiter
+from .memory import IdleTrimmer
 from .metrics import Metrics
 from .security import ApiKeys
 from .services import Clinic
@@ -49,6 +50,7 @@ API_KEYS = web.AppKey("api_keys", ApiKeys)
 METRICS = web.AppKey("metrics", Metrics)
 BODY_SLOTS = web.AppKey("body_slots", BodySlots)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # absent when limits.requests_per_minute = 0
+TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library cannot trim (not glibc)
 # Per request: its id (echoed as X-Request-Id) and the name of the API key it presented.
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY_NAME = web.RequestKey("key_name", str)

@@ -49,9 +49,12 @@ class RateLimiter:
 class BodySlots:
     """At most `size` requests hold a body (read, decode, infer, store) at once; the rest get 503 at once."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.in_use = 0
+        self.released = 0  # slots given back so far
+        self.last_released_at = 0.0  # `clock` time of the latest
+        self._clock = clock
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -65,6 +68,8 @@ class BodySlots:
             yield
         finally:
             self.in_use -= 1
+            self.released += 1
+            self.last_released_at = self._clock()
 
 
 def server_options(server: ServerConfig) -> dict[str, Any]:

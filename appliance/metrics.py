@@ -124,6 +124,9 @@ class _FactsCollector(Collector):
             yield _counter("appliance_inference_images", "Images classified.", inference["images"])
         yield _gauge("appliance_bodies_in_progress", "Requests holding a body (limits.max_concurrent_bodies).",
                      facts.get("bodies_in_progress", 0))
+        if "memory_trims" in facts:
+            yield _counter("appliance_memory_trims", "Times freed memory was given back to the OS after uploads.",
+                           facts["memory_trims"])
         yield from _numbers("appliance_store", "Store figure", facts.get("storage") or {})
         sync = facts.get("sync")
         if sync is not None:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..keys import (
-    API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC,
+    API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC, TRIMMER,
 )
 from ..services import sanitize_user_id
 
@@ -110,6 +110,8 @@ async def gather_facts(app: web.Application) -> dict[str, Any]:
     state = app[STATE]
     facts: dict[str, Any] = {"uptime_s": round(time.time() - state.started_at, 1), "ready": state.ready,
                              "bodies_in_progress": app[BODY_SLOTS].in_use}
+    if TRIMMER in app:
+        facts["memory_trims"] = app[TRIMMER].trims
     if MODEL in app:
         facts["model"] = app[MODEL].describe()
     if SCHEDULER in app:
