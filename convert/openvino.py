@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
+
+from appliance.inference.runtimes.openvino import import_openvino
+
+ov = import_openvino()
 
 
 def convert_ir(onnx_path: Path, xml_path: Path, *, compress_to_fp16: bool = False) -> list[Path]:

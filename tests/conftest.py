@@ -110,7 +110,9 @@ GOLDEN_COLOURS = [(200, 140, 120), (90, 60, 160), (230, 220, 90), (60, 160, 70),
 
 def build_tiny_model_dir(root: Path) -> Path:
     """Write `<root>/tiny/1/` with ONNX and OpenVINO FP32 artifacts, golden images and a manifest."""
-    import openvino as ov
+    from appliance.inference.runtimes.openvino import import_openvino
+
+    ov = import_openvino()
 
     version = root / "tiny" / "1"
     (version / "golden").mkdir(parents=True)

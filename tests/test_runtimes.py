@@ -98,3 +98,24 @@ def test_onnx_thread_spinning_follows_the_config(tiny_model_dir: Path, spinning:
     options = runtime._session.get_session_options()  # the session as onnxruntime built it
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
     runtime.close()
+
+
+def test_openvino_is_imported_without_its_telemetry(tmp_path: Path) -> None:
+    # In a fresh process, as on a clinic's box: a home directory, none of the variables marking a
+    # CI job. A plain `import openvino` writes ~/intel/openvino_ga_cid and stats at once.
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    code = ("from appliance.inference.runtimes.openvino import import_openvino\n"
+            "ov = import_openvino()\n"
+            "ov.convert_model\n"
+            "print(ov.Core().available_devices)\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "CPU" in done.stdout
+    assert list(home.iterdir()) == []

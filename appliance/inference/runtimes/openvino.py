@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,21 @@ import numpy as np
 from ...errors import RuntimeLoadError
 
 log = logging.getLogger(__name__)
+
+
+def import_openvino() -> Any:
+    """`import openvino`, with its usage telemetry off; every import of it should go through here.
+
+    Importing openvino also imports its model converter, which writes a client id under
+    ~/intel at once and reports each conversion to Google Analytics unless the user opted
+    out (openvino-telemetry: a missing consent file counts as consent). Neither the
+    appliance nor `convert` reports anything to anyone: with openvino_telemetry made
+    unimportable, OpenVINO falls back to its own no-op stub.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # None: `import` raises ImportError
+    import openvino
+
+    return openvino
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class OpenVinoRuntime:
         self._devices: list[str] = []
 
     def load(self, model_file: Path) -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         core = ov.Core()
         available = list(core.available_devices)
