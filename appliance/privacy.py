@@ -91,7 +91,8 @@ def _orientation_tiff(orientation: int) -> bytes:
 def _strip_jpeg(data: bytes) -> bytes:
     if not data.startswith(b"\xff\xd8"):
         raise MetadataError("not a JPEG: no SOI marker")
-    out = [data[:2]]
+    view = memoryview(data)  # kept parts are joined from views: no copy of the scans but the result
+    out: list[bytes | memoryview] = [data[:2]]
     pos = 2
     size = len(data)
     while pos < size:
@@ -119,13 +120,13 @@ def _strip_jpeg(data: bytes) -> bytes:
         payload = data[pos + 2 : end]
         if marker == 0xDA:  # SOS: the header, then entropy-coded data up to the next real marker
             end = _jpeg_scan_end(data, end)
-            out.append(data[marker_start:end])
+            out.append(view[marker_start:end])
         elif 0xE0 <= marker <= 0xEF or marker == 0xFE:
             kept = _jpeg_app_kept(marker, payload)
             if kept is not None:
                 out.append(data[marker_start : pos - 1] + bytes([marker]) + kept)
         else:
-            out.append(data[marker_start:end])
+            out.append(view[marker_start:end])
         pos = end
     # A truncated file without EOI: keep what was there (scan data holds no metadata).
     return b"".join(out)

@@ -139,7 +139,9 @@ async def check_image(request: web.Request) -> web.Response:
         sync.check_budget()  # over the unsynced-data budget with policy "refuse": 507 before reading the body
     data, form_case_id = await read_upload(request)
     case_id = request.query.get("case_id", "").strip() or form_case_id or None
-    return web.json_response(await request.app[CLINIC].check_image(who, data, case_id))
+    checking = request.app[CLINIC].check_image(who, data, case_id)
+    del data  # the clinic holds the only reference: the original is freed once its stripped copy is made
+    return web.json_response(await checking)
 
 
 @routes.post("/cases/next-id")
