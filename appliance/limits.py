@@ -49,12 +49,11 @@ class RateLimiter:
 class BodySlots:
     """At most `size` requests hold a body (read, decode, infer, store) at once; the rest get 503 at once."""
 
-    def __init__(self, size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
         self.in_use = 0
         self.released = 0  # slots given back so far
-        self.last_released_at = 0.0  # `clock` time of the latest
-        self._clock = clock
+        self.last_released_at = 0.0  # time.monotonic() of the latest
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -69,7 +68,7 @@ class BodySlots:
         finally:
             self.in_use -= 1
             self.released += 1
-            self.last_released_at = self._clock()
+            self.last_released_at = time.monotonic()
 
 
 def server_options(server: ServerConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import time
 from typing import Callable
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 def find_malloc_trim() -> Callable[[], object] | None:
     """glibc's `malloc_trim(0)` as a function; None on a C library without it (musl, macOS)."""
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -35,12 +34,10 @@ def find_malloc_trim() -> Callable[[], object] | None:
 class IdleTrimmer:
     """Calls `trim` in a thread once uploads have stopped for `idle_s` (once per quiet spell)."""
 
-    def __init__(self, slots: BodySlots, trim: Callable[[], object], *, idle_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slots: BodySlots, trim: Callable[[], object], *, idle_s: float = 1.0) -> None:
         self.slots = slots
         self.trim = trim
         self.idle_s = idle_s
-        self.clock = clock
         self.trims = 0
         self._trimmed_after = 0  # slots.released when we last trimmed
 
@@ -50,7 +47,7 @@ class IdleTrimmer:
             await asyncio.sleep(self.idle_s)
             slots = self.slots
             if (slots.in_use == 0 and slots.released != self._trimmed_after
-                    and self.clock() - slots.last_released_at >= self.idle_s):
+                    and time.monotonic() - slots.last_released_at >= self.idle_s):
                 self._trimmed_after = slots.released
                 try:
                     await asyncio.to_thread(self.trim)
