@@ -209,7 +209,9 @@ async def test_rate_limit_per_key_name(aiohttp_client: Any, make_config: Any) ->
         assert (response.status, await response.json()) == (200, {"case_id": expected})
     response = await client.post("/cases/next-id", headers=phones)
     assert (response.status, await response.json()) == (429, {"detail": "Too many requests; retry later"})
-    assert response.headers["Retry-After"] == "60"
+    # A whole minute for the next token, less the time the first two requests took (under 1 s, or
+    # a few on a loaded machine): the exact arithmetic is the fake-clock test's.
+    assert 55 <= int(response.headers["Retry-After"]) <= 60
     response = await client.post("/cases/next-id", headers={**USER, "Authorization": "Bearer lab-key-789"})
     assert response.status == 200  # another key, another bucket
     for _ in range(3):  # probes are never limited

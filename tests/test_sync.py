@@ -182,26 +182,28 @@ async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
 
     store = client.app[STORE]
     expected = expected_objects(store)
-    day = store.image_record("user001", first["image_id"])["created_at"]
-    yyyy, mm, dd = day[:4], day[5:7], day[8:10]
+
+    def day(image_id: str) -> str:  # each image's own date: the two may straddle midnight UTC
+        created = store.image_record("user001", image_id)["created_at"]
+        return f"{created[:4]}/{created[5:7]}/{created[8:10]}"
+
+    first_key = f"clinic/{BOX}/images/{day(first['image_id'])}/{first['image_id']}"
+    second_key = f"clinic/{BOX}/images/{day(second['image_id'])}/{second['image_id']}"
     assert sorted(expected) == sorted([
-        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg",
-        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.json",
-        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.png",
-        f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.json",
+        f"{first_key}.jpg", f"{first_key}.json", f"{second_key}.png", f"{second_key}.json",
         f"clinic/{BOX}/cases/user001/{case_id}.json",
     ])
     assert_bucket_equals(bucket, expected)
     local = store.read_image("user001", first["image_id"])
-    uploaded, _ = bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg")
+    uploaded, _ = bucket.read(f"{first_key}.jpg")
     assert has_gps(local) and not has_gps(uploaded)
     case = json.loads(bucket.read(f"clinic/{BOX}/cases/user001/{case_id}.json")[0])
     assert (case["notes"], case["status"], case["gender"]) == ("second look", "reviewed", "f")
     assert sorted(case["image_ids"]) == sorted([first["image_id"], second["image_id"]])
-    image_record = json.loads(bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{second['image_id']}.json")[0])
+    image_record = json.loads(bucket.read(f"{second_key}.json")[0])
     assert image_record["gender"] == "f"  # the case's take-over, synced
     if provider == "s3":  # S3's own check: the ETag of a plain PUT is the MD5 of what it stored
-        _, headers = bucket.read(f"clinic/{BOX}/images/{yyyy}/{mm}/{dd}/{first['image_id']}.jpg")
+        _, headers = bucket.read(f"{first_key}.jpg")
         assert headers["etag"].strip('"') == hashlib.md5(uploaded).hexdigest()
     await client.close()
 

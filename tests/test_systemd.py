@@ -93,11 +93,14 @@ def test_watchdog_pings_come_from_the_loop_at_half_the_interval(
     with started(config, address, WATCHDOG_USEC="200000") as proc:  # a ping every 0.1 s
         while "READY=1" not in receive(sock):
             pass
-        sock.settimeout(0.5)
+        sock.settimeout(0.2)
         pings, others = 0, []
         window_end = time.monotonic() + 2.0
         while time.monotonic() < window_end:
-            lines = receive(sock)
+            try:
+                lines = receive(sock)
+            except TimeoutError:  # a pause on a loaded machine: the count below judges the window
+                continue
             pings += lines.count("WATCHDOG=1")
             others += [line for line in lines if line != "WATCHDOG=1"]
         # About 20 expected; the bounds only rule out "not pinging" and "pinging in a busy loop".
