@@ -75,7 +75,7 @@ class SyncWorker:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.backlog = Backlog()
-        self.checked_at: float | None = None  # when `backlog` was read
+        self.checked_at: float | None = None  # when the read of `backlog` began
         self.uploaded_objects = 0
         self.uploaded_jobs = 0
         self.last_success_at: float | None = None
@@ -228,8 +228,9 @@ class SyncWorker:
 
     async def refresh(self) -> None:
         """Re-read the backlog numbers (one indexed query) and re-evaluate the disk budget."""
+        started = self.clock()  # the numbers count every job stored before this moment
         self.backlog = await self._call(self.outbox.backlog)
-        self.checked_at = self.clock()
+        self.checked_at = started
         budget = self.config.disk_budget_bytes
         over = budget > 0 and self.backlog.bytes_pending > budget
         if over and not self.over_budget:
