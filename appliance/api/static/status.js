@@ -87,6 +87,9 @@ async function refresh() {
     return;
   }
   if (response.status === 401) {
+    // No more polling without a key (each try would only be refused); submitting one resumes it.
+    if (timer !== null) clearInterval(timer);
+    timer = null;
     sessionStorage.removeItem(KEY_ITEM);
     $("cards").hidden = true;
     $("key-form").hidden = false;
@@ -115,7 +118,8 @@ document.addEventListener("DOMContentLoaded", function () {
     sessionStorage.setItem(KEY_ITEM, $("key-input").value.trim());
     $("key-input").value = "";
     refresh();
+    schedule();
   });
-  refresh();
   schedule();
+  refresh();
 });
