@@ -167,10 +167,9 @@ def check_config(config: Config) -> int:
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from . import systemd
     from .app import create_app
+    from .serving import run_until_stopped
 
     from .limits import server_options
     from .logs import configure_logging
@@ -194,21 +193,14 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     service = systemd.attach(app)  # READY=1, STATUS=, WATCHDOG=1, STOPPING=1 under systemd; else no-op
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
 
-    def serving(_: str) -> None:
-        # run_app calls this once every socket is bound: the moment /ready can answer 200.
+    def serving() -> None:
+        # Called once every socket is bound: the moment /ready can answer 200.
         logging.getLogger("appliance").info("serving on %s", url)
         service.serving(url)
 
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-        access_log=None,  # appliance.api.monitoring logs one line per request, with its id
-        print=serving,
-        **server_options(config.server),
-    )
+    run_until_stopped(app, host=host, port=port, ssl_context=ssl_context,
+                      shutdown_timeout_s=config.server.shutdown_timeout_s, on_serving=serving,
+                      server_options=server_options(config.server))
     return 0
 
 

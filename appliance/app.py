@@ -4,8 +4,8 @@ Start-up order (each a cleanup context, so aiohttp tears down in reverse and
 only what started): executors, model (fetched from model.url if set; load,
 warm up, self-check), scheduler, store, sync worker (when enabled), then the
 clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
-aiohttp stops accepting and drains in-flight requests
-(`server.shutdown_timeout_s`), readiness drops, sync finishes its in-flight
+readiness drops, the listener closes and requests in progress drain
+(`server.shutdown_timeout_s`, appliance/serving.py), sync finishes its in-flight
 uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the store is
 flushed and closed, the scheduler stops, the runtime is released, and the
 threads end.

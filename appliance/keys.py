@@ -35,6 +35,7 @@ class State:
 
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    requests_in_progress: int = 0  # the shutdown drain waits for this to reach 0
 
 
 CONFIG = web.AppKey("config", Config)

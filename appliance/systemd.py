@@ -98,6 +98,7 @@ class ServiceNotifications:
         self.url = ""
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_status = ""
+        self._stopping = False
 
     async def starting(self, app: web.Application) -> None:
         """First start-up hook: say what is being loaded (it may take a while)."""
@@ -106,9 +107,8 @@ class ServiceNotifications:
     def serving(self, url: str) -> None:
         """The server listens: send READY=1 if the app is ready, then keep the watchdog fed.
 
-        Called from `web.run_app`'s `print` hook, which runs after every site
-        has bound its socket; aiohttp's start-up hooks run before that, when
-        `/ready` could not be reached yet.
+        Called once every socket is bound (appliance.serving); aiohttp's start-up
+        hooks run before that, when `/ready` could not be reached yet.
         """
         self.url = url
         if not self.app[STATE].ready:
@@ -120,8 +120,10 @@ class ServiceNotifications:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="systemd-heartbeat")
 
     async def stopping(self, app: web.Application) -> None:
-        """Shutdown began: tell systemd before the drain, so `systemctl status` says why we linger."""
-        self.notifier.send("STOPPING=1", "STATUS=Stopping: draining requests, then closing the store")
+        """Shutdown began: tell systemd before the drain, so `systemctl status` says why we linger (once)."""
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.send("STOPPING=1", "STATUS=Stopping: draining requests, then closing the store")
 
     async def cleanup(self, app: web.Application) -> None:
         """Stop pinging and close the socket."""

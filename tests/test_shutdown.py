@@ -9,6 +9,7 @@ import sqlite3
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from appliance.storage import open_store
 
@@ -32,13 +33,7 @@ def test_sigterm_drains_the_request_in_flight(tmp_path: Path, tiny_model_dir: Pa
     """
     config = write_config(tmp_path, tiny_model_dir, "sqlite")
     port = port_of(config)
-    data = encode(photo(1600, 1200, seed=4))
-    boundary = "drainBOUNDARY"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /check-image HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: user001\r\nX-Request-Id: drain-test-1\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode()
+    head, body = upload_request(encode(photo(1600, 1200, seed=4)), "drain-test-1")
     with running(config) as proc:
         wait_ready(proc, port)
         lock = sqlite3.connect(tmp_path / "data" / "appliance.db", isolation_level=None)
@@ -76,6 +71,76 @@ def test_sigterm_drains_the_request_in_flight(tmp_path: Path, tiny_model_dir: Pa
     assert set(request_line) == {"ts", "level", "logger", "msg", "request_id", "method", "route", "status",
                                  "duration_ms", "key", "client", "user"}
     assert any(line["msg"].startswith("no API key configured") and line["level"] == "WARNING" for line in lines)
+
+
+def upload_request(data: bytes, request_id: str) -> tuple[bytes, bytes]:
+    """The head and body of a raw HTTP/1.1 `POST /check-image` of `data`."""
+    boundary = "drainBOUNDARY"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /check-image HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: user001\r\nX-Request-Id: {request_id}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    return head, body
+
+
+def send_half_then_sigterm(proc: Any, port: int, client: socket.socket, head: bytes, body: bytes) -> None:
+    """Send the head and half the body; once the server reads it, SIGTERM; wait until it stops listening."""
+    client.sendall(head + body[: len(body) // 2])
+    deadline = time.monotonic() + 30
+    while _bodies_in_progress(port) == 0:  # the handler holds the upload, waiting for the rest
+        assert time.monotonic() < deadline, "the upload never reached its handler"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    while not refuses_connections(port):
+        assert time.monotonic() < deadline, "the server kept accepting after SIGTERM"
+        time.sleep(0.02)
+    assert proc.poll() is None  # still draining
+
+
+def test_sigterm_lets_an_upload_still_arriving_finish(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Half a photo is on the wire when SIGTERM lands: the rest is still read, and the answer is 200."""
+    config = write_config(tmp_path, tiny_model_dir, "disk")
+    port = port_of(config)
+    head, body = upload_request(encode(photo(800, 600, seed=5)), "drain-test-2")
+    with running(config) as proc:
+        wait_ready(proc, port)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            send_half_then_sigterm(proc, port, client, head, body)
+            client.sendall(body[len(body) // 2:])
+            status_line, headers, payload = _read_response(client)
+        assert proc.wait(30) == 0
+    assert (status_line, headers["x-request-id"]) == ("HTTP/1.1 200 OK", "drain-test-2")
+    store = open_store("disk", tmp_path / "data")
+    assert [r["image_id"] for r in store.list_images("user001")] == [json.loads(payload)["image_id"]]
+    store.close()
+
+
+def test_an_upload_that_stops_arriving_is_cut_at_the_drain_timeout(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A client that never sends the rest does not hold the shutdown: cut after the timeout, nothing stored."""
+    config = write_config(tmp_path, tiny_model_dir, "sqlite")
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_timeout_s = 1.0\n"))
+    port = port_of(config)
+    head, body = upload_request(encode(photo(800, 600, seed=6)), "drain-test-3")
+    with running(config) as proc:
+        wait_ready(proc, port)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            send_half_then_sigterm(proc, port, client, head, body)
+            assert proc.wait(30) == 0
+            assert _read_response(client)[0] == ""  # the connection closed without an answer
+    store = open_store("sqlite", tmp_path / "data")
+    assert store.list_images("user001") == []
+    store.close()
+    assert not list((tmp_path / "data").rglob("*.jpg"))  # no image file without its record
+    log = (tmp_path / "server.log").read_text()
+    assert "1 request(s) still running after 1 s are cancelled" in log
+
+
+def _bodies_in_progress(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        [line] = [line for line in response.read().decode().splitlines()
+                  if line.startswith("appliance_bodies_in_progress ")]
+    return int(float(line.split()[1]))
 
 
 def _classified(port: int) -> int:

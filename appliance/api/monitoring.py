@@ -70,6 +70,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.monotonic()
     status = 500
     metrics.in_progress.inc()
+    request.app[STATE].requests_in_progress += 1
     try:
         response = await handler(request)
         status = response.status
@@ -84,6 +85,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.in_progress.dec()
+        request.app[STATE].requests_in_progress -= 1
         seconds = time.monotonic() - started
         route = route_of(request)
         metrics.requests.labels(route, request.method, str(status)).inc()

@@ -1,0 +1,69 @@
+"""Serving the app until SIGTERM or SIGINT, then draining without cutting an upload short.
+
+aiohttp's `web.run_app` closes every connection the moment shutdown begins,
+and a closed connection drops the bytes that arrive after that: a phone photo
+still on the wire when systemd stops the service (an upgrade, a reboot) would
+be cut, and the clinician would see a network error. Here shutdown goes in
+steps instead:
+
+1. stop listening (no new connections) and answer `/ready` with 503;
+2. let the requests in progress finish, uploads still arriving included, for
+   at most `server.shutdown_timeout_s`;
+3. aiohttp's own cleanup: idle keep-alive connections close, whatever still
+   runs is cancelled, and the app's cleanup contexts flush sync and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from .keys import STATE
+
+log = logging.getLogger("appliance")
+
+# How often the drain looks whether the last request has finished.
+DRAIN_POLL_S = 0.05
+
+
+def run_until_stopped(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None,
+          shutdown_timeout_s: float, on_serving: Callable[[], None], server_options: dict[str, Any]) -> None:
+    """Run `app` on host:port until SIGTERM/SIGINT; return once it has drained and closed."""
+    asyncio.run(_serve(app, host, port, ssl_context, shutdown_timeout_s, on_serving, server_options))
+
+
+async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                 shutdown_timeout_s: float, on_serving: Callable[[], None], server_options: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # After our own drain, aiohttp only waits a moment more before cancelling what is left.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, **server_options)
+    await runner.setup()  # start-up: the cleanup contexts load the model, open the store, ...
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        on_serving()
+        await stop.wait()
+        # The shutdown hooks now (readiness drops, systemd hears STOPPING=1), not after the drain;
+        # runner.cleanup runs them again, so they are idempotent.
+        await app.shutdown()
+        await site.stop()  # the listening socket closes; open connections keep being read
+        state = app[STATE]
+        log.info("stopping: no new connections; %d request(s) in progress get up to %.0f s to finish",
+                 state.requests_in_progress, shutdown_timeout_s)
+        deadline = time.monotonic() + shutdown_timeout_s
+        while state.requests_in_progress > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if state.requests_in_progress > 0:
+            log.warning("stopping: %d request(s) still running after %.0f s are cancelled",
+                        state.requests_in_progress, shutdown_timeout_s)
+    finally:
+        await runner.cleanup()
