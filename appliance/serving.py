@@ -33,7 +33,8 @@ DRAIN_POLL_S = 0.05
 
 
 def run_until_stopped(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None,
-          shutdown_timeout_s: float, on_serving: Callable[[], None], server_options: dict[str, Any]) -> None:
+                      shutdown_timeout_s: float, on_serving: Callable[[], None],
+                      server_options: dict[str, Any]) -> None:
     """Run `app` on host:port until SIGTERM/SIGINT; return once it has drained and closed."""
     asyncio.run(_serve(app, host, port, ssl_context, shutdown_timeout_s, on_serving, server_options))
 
@@ -45,6 +46,7 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # After our own drain, aiohttp only waits a moment more before cancelling what is left.
+    # No access log of aiohttp's: appliance.api.monitoring logs one line per request, with its id.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, **server_options)
     await runner.setup()  # start-up: the cleanup contexts load the model, open the store, ...
     try:
