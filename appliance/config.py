@@ -428,9 +428,9 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if name.startswith("APPLIANCE_") and "__" in name:
             path = [part.lower() for part in name[len("APPLIANCE_"):].split("__")]
             _set(raw, path, _env_value(value))
-    for name, path in LEGACY_ENV.items():
+    for name, legacy_path in LEGACY_ENV.items():
         if environ.get(name, "").strip():
-            _set(raw, list(path), environ[name].strip())
+            _set(raw, list(legacy_path), environ[name].strip())
     device = environ.get("MODEL_DEVICE", "").strip().lower()
     if device:
         if device not in MODEL_DEVICES:

@@ -31,9 +31,10 @@ SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 # Fields of a case record and the JSON type each must have (None is always
 # allowed: the old app sends nulls for fields the clinician left empty).
-_TEXT = (str,)
-_NUMBER = (int, float)
-CASE_FIELDS: dict[str, tuple[type, ...]] = {
+# type[Any], not type: isinstance() then narrows a value to Any, not to object.
+_TEXT: tuple[type[Any], ...] = (str,)
+_NUMBER: tuple[type[Any], ...] = (int, float)
+CASE_FIELDS: dict[str, tuple[type[Any], ...]] = {
     "case_id": _TEXT,
     "image_id": _TEXT,
     "blur_score": _NUMBER,
@@ -267,7 +268,7 @@ def sanitize_user_id(raw: str) -> str:
     return "".join(c for c in raw.strip() if (c.isascii() and c.isalnum()) or c in "-_")[:128]
 
 
-def validate_fields(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+def validate_fields(body: dict[str, Any], fields: dict[str, tuple[type[Any], ...]]) -> dict[str, Any]:
     """Check the known fields' types (coercing numbers to text where the app sends text).
 
     Unknown keys are kept as given (the app sends e.g. `image_decisions`),

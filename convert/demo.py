@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ def _fit_head(model: nn.Module, seed: int) -> None:
     n = HEAD_IMAGES_PER_FAMILY * len(FAMILIES)
     families = [i % len(FAMILIES) for i in range(n)]
     images, labels = synthetic_lesions(n, seed + 2, PHOTO_SIZE, families=families)
-    head, model.fc = model.fc, nn.Identity()
+    # The Sequential(Dropout, Linear) make_demo_checkpoint set; nn.Module types attributes loosely.
+    head, model.fc = cast(nn.Sequential, model.fc), nn.Identity()
     with torch.no_grad():
         features = torch.cat([model(b) for b in _batches(preprocess(images))]).double()
     model.fc = head
@@ -84,7 +86,7 @@ def _fit_head(model: nn.Module, seed: int) -> None:
     # Dual form: fewer images than features.
     gram = z @ z.T + RIDGE * z.shape[1] * torch.eye(len(z), dtype=torch.float64)
     weights = z.T @ torch.linalg.solve(gram, targets - offset)  # [2048, 7]
-    linear = head[1]
+    linear = cast(nn.Linear, head[1])
     with torch.no_grad():
         linear.weight.copy_((LOGIT_SCALE * weights / std[:, None]).T.float())
         linear.bias.copy_((LOGIT_SCALE * (offset - (mean / std) @ weights)).float())

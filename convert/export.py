@@ -7,6 +7,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import onnx
 import torch
@@ -52,6 +53,7 @@ def _export_dynamo(module: torch.nn.Module, example: torch.Tensor) -> onnx.Model
             external_data=False,
             verbose=False,
         )
+    assert program is not None  # only the dynamo=False exporter returns None
     return program.model_proto
 
 
@@ -65,7 +67,8 @@ def _export_legacy(module: torch.nn.Module, example: torch.Tensor) -> onnx.Model
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            # torch annotates `f` as a path, but the TorchScript exporter writes to any file object.
+            cast(Any, buffer),
             input_names=[INPUT_NAME],
             output_names=[LOGITS],
             dynamic_axes={INPUT_NAME: {0: "batch"}, LOGITS: {0: "batch"}},

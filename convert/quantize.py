@@ -246,10 +246,10 @@ def _sqnr(reference, other) -> float:
     """Signal-to-quantization-noise ratio in dB; NaN when the reference is all zeros."""
     left = np.concatenate([np.ravel(a) for a in reference]).astype(np.float64)
     right = np.concatenate([np.ravel(a) for a in other]).astype(np.float64)
-    signal = np.linalg.norm(left)
+    signal = float(np.linalg.norm(left))
     if signal < 1e-12:
         return math.nan
-    return 20 * math.log10(signal / max(np.linalg.norm(left - right), 1e-12))
+    return 20 * math.log10(signal / max(float(np.linalg.norm(left - right)), 1e-12))
 
 
 def _better(a: Attempt, b: Attempt, bar: float) -> bool:

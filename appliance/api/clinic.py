@@ -86,7 +86,7 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str | None]:
     form_case_id: str | None = None
     try:
         reader = await request.multipart()
-        async for part in reader:
+        while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
             if part.name == "file":

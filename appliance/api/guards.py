@@ -14,7 +14,7 @@ error responses carry them too and the browser can show their `detail`).
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Collection
 
 import aiohttp_cors
 from aiohttp import hdrs, web
@@ -23,10 +23,10 @@ from ..errors import Unauthorized
 from ..keys import API_KEYS, BODY_SLOTS, KEY_NAME, RATE_LIMITER
 from ..security import presented_key
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls
+    from aiohttp.typedefs import Handler, Middleware
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
 
 # Liveness and readiness are never rate limited: probes must always see the truth.
 UNLIMITED_PATHS = frozenset({"/health", "/ready"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -118,10 +119,12 @@ async def infer(request: web.Request) -> web.Response:
         assert parsed.tensor is not None
         tensors = list(parsed.tensor)
     results = await asyncio.gather(*(app[SCHEDULER].infer(t) for t in tensors), return_exceptions=True)
+    rows: list[np.ndarray] = []
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    probabilities = np.stack(results).astype("<f4")
+        rows.append(result)
+    probabilities = np.stack(rows).astype("<f4")
     return render_response(model.manifest, parsed, probabilities)
 
 
@@ -166,7 +169,7 @@ async def _decode_images(request: web.Request, manifest: Manifest, images: list[
         *(
             loop.run_in_executor(
                 app[EXECUTORS].decode,
-                lambda data=data: imaging.decode(data, manifest.preprocessing, max_pixels=max_pixels),
+                functools.partial(imaging.decode, data, manifest.preprocessing, max_pixels=max_pixels),
             )
             for data in images
         ),

@@ -174,7 +174,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _page_handler(filename: str, content_type: str) -> Handler:
-    body = resources.files(__package__).joinpath("static", filename).read_bytes()
+    body = resources.files(__package__).joinpath("static").joinpath(filename).read_bytes()  # one name each: 3.10
 
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS)

@@ -25,10 +25,14 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ApplianceError, ConfigError
+
+if TYPE_CHECKING:
+    # obstore declares these TypedDicts only in its stubs: not importable at run time.
+    from obstore.store import ClientConfig, RetryConfig
 
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
@@ -98,16 +102,16 @@ class Target:
         self.url = url
         self.where = parse_url(url)
         self.config = bucket  # a config.BucketConfig
-        client: dict[str, Any] = {"timeout": timedelta(seconds=bucket.timeout_s),
-                                  "connect_timeout": timedelta(seconds=min(10.0, bucket.timeout_s))}
+        client: ClientConfig = {"timeout": timedelta(seconds=bucket.timeout_s),
+                                "connect_timeout": timedelta(seconds=min(10.0, bucket.timeout_s))}
         if bucket.allow_http:
             client["allow_http"] = True
         # Few retries inside obstore: the sync worker has its own backoff, and a
         # start-up fetch must fail fast to fall back on its cached copy.
-        retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=bucket.timeout_s)}
+        retry: RetryConfig = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=bucket.timeout_s)}
         self.store = self._open_store(client, retry)
 
-    def _open_store(self, client: dict[str, Any], retry: dict[str, Any]) -> Any:
+    def _open_store(self, client: ClientConfig, retry: RetryConfig) -> Any:
         raise NotImplementedError
 
     def _credentials_file_text(self) -> str | None:
@@ -182,7 +186,7 @@ class S3Target(Target):
     provider = "s3"
     checksum = "x-amz-checksum-sha256 (checked by S3) + MD5 ETag + sha256 metadata"
 
-    def _open_store(self, client: dict[str, Any], retry: dict[str, Any]) -> Any:
+    def _open_store(self, client: ClientConfig, retry: RetryConfig) -> Any:
         from obstore.store import S3Store
 
         options: dict[str, Any] = {"checksum_algorithm": "sha256"}
@@ -223,7 +227,7 @@ class GCSTarget(Target):
     provider = "gcs"
     checksum = "MD5 ETag (read back when opaque) + sha256 metadata"
 
-    def _open_store(self, client: dict[str, Any], retry: dict[str, Any]) -> Any:
+    def _open_store(self, client: ClientConfig, retry: RetryConfig) -> Any:
         from obstore.store import GCSStore
 
         options: dict[str, Any] = {}
@@ -249,7 +253,7 @@ class AzureTarget(Target):
     provider = "azure"
     checksum = "read back and sha256 compared + sha256 metadata"
 
-    def _open_store(self, client: dict[str, Any], retry: dict[str, Any]) -> Any:
+    def _open_store(self, client: ClientConfig, retry: RetryConfig) -> Any:
         from obstore.store import AzureStore
 
         options: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -39,7 +39,37 @@ class Runtime(Protocol):
         """Release the engine's memory."""
 
 
-def runtime_class(name: str) -> type:
+class RuntimeClass(Protocol):
+    """A back end class as `RUNTIMES` names it: its declarations, and a constructor taking its Config."""
+
+    # Read-only properties, not attributes: each class's own are narrower (`Config` is
+    # its own dataclass), which a mutable protocol attribute would refuse.
+    @property
+    def name(self) -> str:
+        """The config name it is registered under."""
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Manifest artifact formats it can load, preferred first."""
+
+    @property
+    def Config(self) -> type:
+        """The frozen dataclass of its `[runtime.<name>]` table."""
+
+    def __call__(self, config: Any) -> Runtime:
+        """A runtime with nothing loaded yet."""
+
+
+if TYPE_CHECKING:
+    # `RUNTIMES` holds strings so that only the chosen back end is imported; this, never
+    # run, holds each class to the protocols above (`runtime_class` returns what getattr gives).
+    from .onnxruntime import OnnxRuntime
+    from .openvino import OpenVinoRuntime
+
+    _REGISTERED: tuple[RuntimeClass, ...] = (OnnxRuntime, OpenVinoRuntime)
+
+
+def runtime_class(name: str) -> RuntimeClass:
     """Import and return the back end class registered under `name`."""
     module_name, _, attr = RUNTIMES[name].partition(":")
     return getattr(importlib.import_module(module_name), attr)

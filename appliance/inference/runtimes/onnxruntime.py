@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,8 +27,8 @@ class OnnxRuntimeConfig:
 class OnnxRuntime:
     """Runs an ONNX artifact in an `onnxruntime.InferenceSession`."""
 
-    name = "onnxruntime"
-    formats = ("onnx",)
+    name: ClassVar[str] = "onnxruntime"
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
     Config = OnnxRuntimeConfig
 
     def __init__(self, config: OnnxRuntimeConfig) -> None:

@@ -6,7 +6,8 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import ModuleType
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 
@@ -24,7 +25,9 @@ def import_openvino() -> Any:
     appliance nor `convert` reports anything to anyone: with openvino_telemetry made
     unimportable, OpenVINO falls back to its own no-op stub.
     """
-    sys.modules.setdefault("openvino_telemetry", None)  # None: `import` raises ImportError
+    # None: `import` raises ImportError (the import system's documented block); typeshed
+    # types sys.modules as modules only, hence the cast.
+    sys.modules.setdefault("openvino_telemetry", cast(ModuleType, None))
     import openvino
 
     return openvino
@@ -46,8 +49,8 @@ class OpenVinoConfig:
 class OpenVinoRuntime:
     """Runs an OpenVINO IR (or ONNX) artifact with a compiled model and one infer request."""
 
-    name = "openvino"
-    formats = ("openvino", "onnx")
+    name: ClassVar[str] = "openvino"
+    formats: ClassVar[tuple[str, ...]] = ("openvino", "onnx")
     Config = OpenVinoConfig
 
     def __init__(self, config: OpenVinoConfig) -> None:
