@@ -36,6 +36,7 @@ class State:
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     requests_in_progress: int = 0  # the shutdown drain waits for this to reach 0
+    stopping: bool = False  # set when the drain begins: every answer then closes its connection
 
 
 CONFIG = web.AppKey("config", Config)

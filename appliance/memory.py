@@ -4,7 +4,7 @@ Python frees a request's buffers (a 3 MB phone photo, its stripped copy, the
 decode buffers) into glibc's heaps, which keep them: after sixteen phone photos
 at once the process stayed ~100 MB above its idle size for good (bench/NOTES.md).
 glibc's `malloc_trim(0)` returns the free pages. It takes milliseconds, so it
-runs once no upload has been held for `idle_s`, never while one is.
+starts only once no upload has been held for `idle_s`.
 """
 
 from __future__ import annotations
@@ -53,4 +53,5 @@ class IdleTrimmer:
                     await asyncio.to_thread(self.trim)
                 except Exception:  # never worth stopping the server for
                     log.exception("memory: trim failed")
-                self.trims += 1
+                else:
+                    self.trims += 1

@@ -131,6 +131,14 @@ class Clinic:
             started = time.monotonic()
             self.observe("decode", started - decoding)
             inference = self.scheduler.submit(decoded.tensor)  # queued before the announcement ends
+
+        def inferred(future: asyncio.Future[np.ndarray]) -> None:
+            # Timed when the answer comes, not when this request looks (the strip may still run);
+            # reading the exception also marks a failed batch's error as seen if the strip fails too.
+            if not future.cancelled() and future.exception() is None:
+                self.observe("inference", time.monotonic() - started)
+
+        inference.add_done_callback(inferred)
         # Stripped while the model runs, after decoding read the orientation from the
         # original (stripping keeps it anyway); what is stored and counted is the stripped copy.
         if self.strip_metadata:
@@ -140,7 +148,6 @@ class Clinic:
                 inference.cancel()
                 raise
         probabilities = await inference
-        self.observe("inference", time.monotonic() - started)
         predictions = self.rank(probabilities)
         case_id = await self._case_id_for(caller, case_id)
         blur_score = round(float(decoded.blur_score), 2)

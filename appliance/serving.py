@@ -6,7 +6,8 @@ still on the wire when systemd stops the service (an upgrade, a reboot) would
 be cut, and the clinician would see a network error. Here shutdown goes in
 steps instead:
 
-1. stop listening (no new connections) and answer `/ready` with 503;
+1. stop listening (no new connections), answer `/ready` with 503, and close
+   each kept-alive connection after its next answer;
 2. let the requests in progress finish, uploads still arriving included, for
    at most `server.shutdown_timeout_s`;
 3. aiohttp's own cleanup: idle keep-alive connections close, whatever still
@@ -43,13 +44,22 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
                  shutdown_timeout_s: float, on_serving: Callable[[], None], server_options: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def stop_once() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl+C interrupts the drain itself
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop_once)
     # After our own drain, aiohttp only waits a moment more before cancelling what is left.
     # No access log of aiohttp's: appliance.api.monitoring logs one line per request, with its id.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, **server_options)
-    await runner.setup()  # start-up: the cleanup contexts load the model, open the store, ...
     try:
+        # Start-up: the cleanup contexts load the model, open the store, ... If one fails,
+        # runner.cleanup below still closes those that had started.
+        await runner.setup()
+        if stop.is_set():  # stopped while starting: never listen, never say READY=1
+            return
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         on_serving()
@@ -57,8 +67,9 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
         # The shutdown hooks now (readiness drops, systemd hears STOPPING=1), not after the drain;
         # runner.cleanup runs them again, so they are idempotent.
         await app.shutdown()
-        await site.stop()  # the listening socket closes; open connections keep being read
         state = app[STATE]
+        state.stopping = True  # answers from now on close their connection (no new keep-alive requests)
+        await site.stop()  # the listening socket closes; open connections keep being read
         log.info("stopping: no new connections; %d request(s) in progress get up to %.0f s to finish",
                  state.requests_in_progress, shutdown_timeout_s)
         deadline = time.monotonic() + shutdown_timeout_s

@@ -99,14 +99,24 @@ def send_half_then_sigterm(proc: Any, port: int, client: socket.socket, head: by
 
 
 def test_sigterm_lets_an_upload_still_arriving_finish(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Half a photo is on the wire when SIGTERM lands: the rest is still read, and the answer is 200."""
+    """Half a photo is on the wire when SIGTERM lands: the rest is still read, and the answer is 200.
+
+    Meanwhile a kept-alive connection gets one more answer, which closes it: no client can
+    keep starting requests and hold the drain open.
+    """
     config = write_config(tmp_path, tiny_model_dir, "disk")
     port = port_of(config)
     head, body = upload_request(encode(photo(800, 600, seed=5)), "drain-test-2")
     with running(config) as proc:
         wait_ready(proc, port)
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as kept, \
+                socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            status_line, headers, _ = _get(kept, "/health")
+            assert status_line == "HTTP/1.1 200 OK" and headers.get("connection", "keep-alive") == "keep-alive"
             send_half_then_sigterm(proc, port, client, head, body)
+            status_line, headers, _ = _get(kept, "/health")  # draining: answered, then closed
+            assert (status_line, headers["connection"]) == ("HTTP/1.1 200 OK", "close")
+            assert kept.recv(1) == b""
             client.sendall(body[len(body) // 2:])
             status_line, headers, payload = _read_response(client)
         assert proc.wait(30) == 0
@@ -119,7 +129,7 @@ def test_sigterm_lets_an_upload_still_arriving_finish(tmp_path: Path, tiny_model
 def test_an_upload_that_stops_arriving_is_cut_at_the_drain_timeout(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A client that never sends the rest does not hold the shutdown: cut after the timeout, nothing stored."""
     config = write_config(tmp_path, tiny_model_dir, "sqlite")
-    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_timeout_s = 1.0\n"))
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nshutdown_timeout_s = 3.0\n"))
     port = port_of(config)
     head, body = upload_request(encode(photo(800, 600, seed=6)), "drain-test-3")
     with running(config) as proc:
@@ -133,7 +143,21 @@ def test_an_upload_that_stops_arriving_is_cut_at_the_drain_timeout(tmp_path: Pat
     store.close()
     assert not list((tmp_path / "data").rglob("*.jpg"))  # no image file without its record
     log = (tmp_path / "server.log").read_text()
-    assert "1 request(s) still running after 1 s are cancelled" in log
+    assert "1 request(s) still running after 3 s are cancelled" in log
+
+
+def _get(conn: socket.socket, path: str) -> tuple[str, dict[str, str], bytes]:
+    """One keep-alive GET on an open connection: (status line, headers, body), read by Content-Length."""
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += conn.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    while len(body) < int(headers["content-length"]):
+        body += conn.recv(65536)
+    return status_line, headers, body
 
 
 def _bodies_in_progress(port: int) -> int:

@@ -75,6 +75,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
         status = response.status
         response.headers["X-Request-Id"] = request_id
+        if request.app[STATE].stopping:
+            response.force_close()  # draining: a kept-alive client must not start another request here
         return response
     except web.HTTPException as exc:  # redirects and the like, which the error middleware lets through
         status = exc.status
