@@ -71,6 +71,6 @@ def test_a_section_runs_into_results_and_report(demo_model_dir: Path, tmp_path: 
     variants = results["cold_start"]["variants"]
     assert len(variants) == 3
     assert all(v["ready_s"] > 0 and v["ready_rss_mb"] > 0 for v in variants)
-    assert 0 < results["cold_start"]["imports_s"] < min(v["ready_s"] for v in variants)
+    assert results["cold_start"]["imports_s"] > 0  # measured in other processes: no order to assert
     report = (out / "report.md").read_text()
     assert "## Cold start" in report and "cold start to ready ≤ 2 s with the compiled-model cache" in report
