@@ -141,7 +141,8 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
 
 def check_config(config: Config) -> int:
     """Validate what start-up would, short of loading the model; fit for ExecStartPre=."""
-    from .inference.model import choose_artifact, read_manifest, resolve_model_dir
+    from .config import wanted_path
+    from .inference.model import choose, read_manifest, resolve_model_dir
     from .inference.runtimes import runtime_class
     from .modelfetch import cached_model_dir
     from .security import load_api_keys
@@ -159,8 +160,8 @@ def check_config(config: Config) -> int:
     model = "model not checked"
     if directory is not None:
         manifest = read_manifest(directory)
-        artifact = choose_artifact(manifest, runtime_class(config.runtime.backend).formats, config.model.artifact)
-        model = f"model {manifest.name} v{manifest.version} ({artifact.key}{', DEMO' if manifest.demo else ''})"
+        choice = choose(manifest, wanted_path(config), runtime_class(config.runtime.backend).formats)
+        model = f"model {manifest.name} v{manifest.version} ({choice.path.key}{', DEMO' if manifest.demo else ''})"
     print(f"config OK: {model} from {origin}; runtime {config.runtime.backend}; "
           f"store {config.storage.backend} at {config.storage.root}; listening on {config.server.host}:{config.server.port}")
     return 0

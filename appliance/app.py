@@ -21,7 +21,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .api import clinic, guards, kserve, monitoring, openapi, ops
-from .config import Config
+from .config import Config, wanted_path
 from .errors import ApplianceError, PayloadTooLarge
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
@@ -139,10 +139,10 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
         app[EXECUTORS].inference,
         lambda: load_model(
             model_source(config.model, config.bucket),  # model.path, or model.url fetched and verified
-            config.model.artifact,
-            config.runtime.backend,
+            wanted_path(config),
             config.runtime.selected,
             max_batch=config.inference.max_batch,
+            blur_full_resolution=config.imaging.blur_full_resolution,
         ),
     )
     app[MODEL] = model

@@ -109,6 +109,9 @@ class ImagingConfig:
     blur_threshold: float = 100.0
     blur_full_resolution: bool = False
     conf_threshold: float = 0.5
+    # How photos are decoded: "auto" (the fastest served path convert measured that met
+    # the bar), "fast" (DCT-scaled JPEG decode) or "exact" (whole; the reference's tensor).
+    decode: Literal["auto", "fast", "exact"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,9 @@ def _check_choices(config: Config) -> None:
     _check_sync(config)
     if not 0.0 <= config.imaging.conf_threshold <= 1.0:
         raise ConfigError(f"imaging.conf_threshold: expected a number from 0 to 1; got {config.imaging.conf_threshold!r}")
+    if config.imaging.blur_full_resolution and config.imaging.decode == "fast":
+        raise ConfigError('imaging.decode: "fast" cannot hold with imaging.blur_full_resolution = true, which decodes '
+                          'every photo whole; set imaging.decode = "auto" or "exact"')
     if (config.server.tls_cert_file is None) != (config.server.tls_key_file is None):
         raise ConfigError("server.tls_cert_file and server.tls_key_file: expected both or neither")
 
@@ -457,3 +463,11 @@ def _set(raw: dict[str, Any], path: list[str], value: Any) -> None:
         table = nxt
     table[path[-1]] = value
 
+
+def wanted_path(config: Config) -> Any:
+    """What the settings ask of the model directory: runtime, its precision, artifact, decode (an inference.paths.Wanted)."""
+    from .inference.paths import Wanted
+
+    decode = "exact" if config.imaging.blur_full_resolution else config.imaging.decode  # it decodes whole anyway
+    precision = getattr(config.runtime.selected, "inference_precision", "f32")
+    return Wanted(config.runtime.backend, precision, config.model.artifact, decode)

@@ -67,7 +67,8 @@ async def test_check_image_answers_the_contract(client: TestClient) -> None:
     assert np.max(np.abs(got - expected)) < 1e-3
     assert body["low_confidence"] == (confidences[0] < 0.5)
     assert body["model"] == {"name": "tiny", "version": "1", "artifact": "openvino-fp32", "precision": "fp32",
-                             "runtime": "openvino", "device": "CPU", "demo": True}
+                             "runtime": "openvino", "device": "CPU", "decode": "fast",
+                             "served_path": "openvino-fp32/fast", "demo": True}
 
 
 async def test_blurry_image_is_classified_and_stored_but_fails(client: TestClient) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from appliance.errors import ModelError
-from appliance.inference.model import choose_artifact, load_model, read_manifest, resolve_model_dir
+from appliance.inference.model import choose, load_model, read_manifest, resolve_model_dir
+from appliance.inference.paths import Wanted
 
 from .conftest import rewrite_manifest
 
@@ -17,7 +18,14 @@ def load(path: Path, artifact: str = "auto", runtime: str = "onnxruntime") -> An
     from appliance.config import parse_config
 
     config = parse_config({"runtime": {"backend": runtime}})
-    return load_model(path, artifact, runtime, config.runtime.selected, max_batch=4)
+    return load_model(path, Wanted(runtime, "f32", artifact), config.runtime.selected, max_batch=4)
+
+
+def chosen(version: Path, formats: tuple[str, ...], artifact: str = "auto") -> Any:
+    """The served path's artifact for a runtime loading `formats` (onnxruntime: onnx only)."""
+    runtime = "onnxruntime" if formats == ("onnx",) else "openvino"
+    choice = choose(read_manifest(version), Wanted(runtime, "f32", artifact), formats)
+    return read_manifest(version).artifacts[choice.path.artifact]
 
 
 def test_highest_version_is_served(model_copy: Path) -> None:
@@ -52,19 +60,19 @@ def test_auto_prefers_the_fastest_passing_artifact(model_copy: Path) -> None:
                                               "degraded": degraded}
 
     rewrite_manifest(model_copy, lambda m: add_int8(m, degraded=False))
-    assert choose_artifact(read_manifest(model_copy), ("onnx",), "auto").key == "onnx-int8"
-    assert choose_artifact(read_manifest(model_copy), ("openvino", "onnx"), "auto").key == "onnx-int8"
+    assert chosen(model_copy, ("onnx",), "auto").key == "onnx-int8"
+    assert chosen(model_copy, ("openvino", "onnx"), "auto").key == "onnx-int8"
     rewrite_manifest(model_copy, lambda m: add_int8(m, degraded=True))
-    assert choose_artifact(read_manifest(model_copy), ("onnx",), "auto").key == "onnx-fp32"
-    assert choose_artifact(read_manifest(model_copy), ("onnx",), "onnx-int8").degraded
-    assert choose_artifact(read_manifest(model_copy), ("openvino", "onnx"), "auto").key == "openvino-fp32"
+    assert chosen(model_copy, ("onnx",), "auto").key == "onnx-fp32"
+    assert chosen(model_copy, ("onnx",), "onnx-int8").degraded
+    assert chosen(model_copy, ("openvino", "onnx"), "auto").key == "openvino-fp32"
 
 
 def test_unknown_artifact_is_named(model_copy: Path) -> None:
-    with pytest.raises(ModelError, match=r"model.artifact: 'onnx-int4' is not in .*model.json \(has: onnx-fp32, openvino-fp32\)"):
-        choose_artifact(read_manifest(model_copy), ("onnx",), "onnx-int4")
-    with pytest.raises(ModelError, match=r"model.artifact: 'openvino-fp32' is openvino; this runtime loads onnx"):
-        choose_artifact(read_manifest(model_copy), ("onnx",), "openvino-fp32")
+    with pytest.raises(ModelError, match=r"model.artifact: 'onnx-int4' is not in .*model.json \(has: onnx-fp32, openvino-fp32\); set model.artifact = \"auto\""):
+        chosen(model_copy, ("onnx",), "onnx-int4")
+    with pytest.raises(ModelError, match=r'model.artifact: .openvino-fp32. is openvino; runtime.backend "onnxruntime" loads onnx'):
+        chosen(model_copy, ("onnx",), "openvino-fp32")
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -98,8 +106,10 @@ def test_self_check_fails_when_answers_drift(model_copy: Path) -> None:
     with pytest.raises(ModelError) as caught:
         load(model_copy)
     message = str(caught.value)
-    assert message.startswith("self-check failed for onnx-fp32 on golden/2.jpg: max |dp| ")
-    assert "(allowed 0.001), top-1 " in message and message.endswith("; refusing to serve")
+    assert message.startswith("self-check failed for onnx-fp32/fast on golden/2.jpg: max |dp| ")
+    assert "(allowed 0.001), top-1 " in message
+    assert message.endswith("; refusing to serve: serve another path that passed (onnx-fp32/exact) "
+                            "with model.artifact / imaging.decode, or reconvert on this machine")
 
 
 def test_label_count_mismatch_stops_loading(model_copy: Path) -> None:

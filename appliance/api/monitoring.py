@@ -26,6 +26,7 @@ from ..keys import (
     API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC, TRIMMER,
 )
 from ..services import sanitize_user_id
+from .ops import served_path
 
 log = logging.getLogger("appliance.access")
 
@@ -166,6 +167,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "appliance": {"version": __version__, "uptime_s": facts["uptime_s"], "ready": facts["ready"]},
         "model": facts.get("model"),
+        "served_path": served_path(app[MODEL]) if MODEL in app else None,
         "runtime": running,
         "recent": app[METRICS].recent.summary(),
         "inference": facts.get("inference"),

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..inference.model import LoadedModel
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
 from ..keys import SYNC
 from ..sync.status import disabled_status
@@ -51,18 +52,28 @@ async def info(request: web.Request) -> web.Response:
             "model": model.describe(),
             "labels": list(model.manifest.labels),
             "runtime": model.runtime.describe(),
+            "served_path": served_path(model),
             "selfcheck": {"golden_images": len(model.manifest.golden), "max_abs_dp": model.selfcheck_max_abs_dp,
-                          "allowed": model.artifact.selfcheck_max_abs_dp},
+                          "allowed": model.served.selfcheck_max_abs_dp},
             "inference": {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
                           "queue_depth": app[SCHEDULER].depth, "batches": app[SCHEDULER].batches,
                           "images": app[SCHEDULER].images},
             "imaging": {"blur_threshold": config.imaging.blur_threshold,
                         "blur_full_resolution": config.imaging.blur_full_resolution,
-                        "conf_threshold": config.imaging.conf_threshold, "max_pixels": config.imaging.max_pixels},
+                        "conf_threshold": config.imaging.conf_threshold, "max_pixels": config.imaging.max_pixels,
+                        "decode": config.imaging.decode},
             "storage": {"backend": config.storage.backend},
             "sync": sync_status(app),
         }
     )
+
+
+def served_path(model: LoadedModel) -> dict[str, Any]:
+    """Which served path answers and why, with the figures convert measured for it."""
+    path = model.served
+    return {"key": path.key, "artifact": path.artifact, "decode": path.decode, "precision": path.precision,
+            "ms_per_image": path.ms_per_image, "why": model.choice.reason, "passed": path.passed,
+            "verification": dict(path.figures)}
 
 
 def sync_status(app: web.Application) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""A model directory made by `convert`: manifest, artifact choice, integrity, warm-up, self-check.
+"""A model directory made by `convert`: manifest, served-path choice, integrity, warm-up, self-check.
 
 `load_model` is the only way a runtime gets a model: it refuses (ModelError,
-one line) a missing or tampered artifact, a shape or label mismatch, and a
-model whose golden images do not reproduce PyTorch's answers.
+one line naming the fix) a missing or tampered file, a shape or label
+mismatch, settings no measured path that met the bar allows, and a model
+whose golden images, decoded as serving will decode them, do not reproduce
+PyTorch's answers.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import numpy as np
 
 from .. import imaging
 from ..errors import ModelError
-from .runtimes import Runtime, create_runtime
+from .paths import Choice, ServedPath, Wanted, choose_path, legacy_paths
+from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "model.json"
+# Beside the manifest: its sha256 (format 2 on), so a truncated or edited model.json is refused.
+MANIFEST_DIGEST = "model.json.sha256"
+FORMATS = (1, 2)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
-# Lower is faster; "auto" picks the fastest artifact whose parity passed.
+# For manifests of format 1, which measured no times: lower is assumed faster.
 PRECISION_SPEED_RANK = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}
 
 
@@ -55,6 +61,8 @@ class Manifest:
     preprocessing: imaging.Preprocessing
     artifacts: dict[str, Artifact]
     golden: tuple[tuple[str, tuple[float, ...]], ...]
+    golden_sha256: dict[str, str]  # golden file -> sha256 (format 2 on)
+    served_paths: tuple[ServedPath, ...]
     # The graph's tensor names (the KServe v2 API speaks them).
     input_name: str = "input"
     output_name: str = "probabilities"
@@ -67,7 +75,13 @@ class LoadedModel:
     manifest: Manifest
     artifact: Artifact
     runtime: Runtime
+    choice: Choice
     selfcheck_max_abs_dp: float = 0.0
+
+    @property
+    def served(self) -> ServedPath:
+        """The served path: artifact, runtime, decode mode and precision."""
+        return self.choice.path
 
     def describe(self) -> dict[str, Any]:
         """The `model` field of every answer."""
@@ -79,9 +93,11 @@ class LoadedModel:
             "precision": self.artifact.precision,
             "runtime": running["runtime"],
             "device": running["device"],
+            "decode": self.served.decode,
+            "served_path": self.served.key,
             "demo": self.manifest.demo,
         }
-        if self.artifact.degraded:
+        if self.artifact.degraded or self.choice.degraded:
             info["degraded"] = True
         return info
 
@@ -115,7 +131,14 @@ def read_manifest(directory: Path) -> Manifest:
     """Parse and sanity-check `model.json`."""
     path = directory / MANIFEST
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
+        raw = json.loads(text)
+        fmt = raw.get("format", 1)
+        if fmt not in FORMATS:
+            raise ModelError(f"{path}: format {fmt!r} is not one this appliance reads ({', '.join(map(str, FORMATS))}); "
+                             f"upgrade the appliance or reconvert with its convert")
+        if fmt >= 2:
+            _check_manifest_digest(directory, text)
         labels = tuple(str(label) for label in raw["labels"])
         artifacts = {
             key: Artifact(
@@ -130,6 +153,15 @@ def read_manifest(directory: Path) -> Manifest:
             for key, a in raw["artifacts"].items()
         }
         golden = tuple((str(g["file"]), tuple(float(p) for p in g["probabilities"])) for g in raw.get("golden", []))
+        golden_sha256 = {str(g["file"]): str(g["sha256"]) for g in raw.get("golden", []) if "sha256" in g}
+        if fmt >= 2:
+            served = tuple(ServedPath.from_json(p) for p in raw["served_paths"].values())
+        else:
+            formats = {name: runtime_class(name).formats for name in RUNTIMES}
+            served = tuple(legacy_paths(artifacts.values(), formats))
+        unknown = sorted({p.artifact for p in served} - set(artifacts))
+        if unknown:
+            raise ValueError(f"served_paths name artifacts it does not list: {', '.join(unknown)}")
         manifest = Manifest(
             directory=directory,
             name=str(raw["name"]),
@@ -140,6 +172,8 @@ def read_manifest(directory: Path) -> Manifest:
             preprocessing=imaging.Preprocessing.from_manifest(raw.get("preprocessing", {})),
             artifacts=artifacts,
             golden=golden,
+            golden_sha256=golden_sha256,
+            served_paths=served,
             input_name=str(raw["input"].get("name", "input")),
             output_name=str(raw.get("output", {}).get("name", "probabilities")),
         )
@@ -156,37 +190,47 @@ def read_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def choose_artifact(manifest: Manifest, formats: tuple[str, ...], requested: str) -> Artifact:
-    """The named artifact, or for "auto" the fastest non-degraded one this runtime can load."""
-    if requested != "auto":
-        artifact = manifest.artifacts.get(requested)
+def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choice:
+    """The served path for these settings (see paths.choose_path), its artifact checked to exist here."""
+    if wanted.artifact != "auto":
+        artifact = manifest.artifacts.get(wanted.artifact)
         if artifact is None:
             raise ModelError(
-                f"model.artifact: {requested!r} is not in {manifest.directory / MANIFEST} "
-                f"(has: {', '.join(manifest.artifacts) or 'none'})"
+                f"model.artifact: {wanted.artifact!r} is not in {manifest.directory / MANIFEST} "
+                f"(has: {', '.join(manifest.artifacts) or 'none'}); set model.artifact = \"auto\""
             )
         if artifact.format not in formats:
-            raise ModelError(f"model.artifact: {requested!r} is {artifact.format}; this runtime loads {', '.join(formats)}")
-        if artifact.degraded:
-            log.warning("SERVING A DEGRADED ARTIFACT: %s missed its parity bar; answers are flagged", requested)
-        return artifact
-    candidates = [a for a in manifest.artifacts.values() if a.format in formats and not a.degraded]
-    if not candidates:
-        raise ModelError(
-            f"{manifest.directory / MANIFEST}: no artifact that passed parity can run on this runtime "
-            f"(loads {', '.join(formats)})"
-        )
-    return min(candidates, key=lambda a: (PRECISION_SPEED_RANK.get(a.precision, 9), formats.index(a.format)))
+            raise ModelError(f"model.artifact: {wanted.artifact!r} is {artifact.format}; runtime.backend "
+                             f"\"{wanted.runtime}\" loads {', '.join(formats)}")
+    rank = {a.key: PRECISION_SPEED_RANK.get(a.precision, 9) * len(formats) + formats.index(a.format)
+            for a in manifest.artifacts.values() if a.format in formats}
+    choice = choose_path(list(manifest.served_paths), wanted, rank=rank, source=str(manifest.directory))
+    if choice.degraded or manifest.artifacts[choice.path.artifact].degraded:
+        log.warning("SERVING A DEGRADED PATH: %s missed its parity bar; answers are flagged", choice.path.key)
+    return choice
 
 
-def verify_files(directory: Path, artifact: Artifact) -> None:
-    """Check every file of the artifact against the manifest's sha256."""
-    for relative, expected in artifact.files.items():
+def _check_manifest_digest(directory: Path, text: bytes) -> None:
+    """model.json must match the sha256 convert wrote beside it."""
+    path = directory / MANIFEST_DIGEST
+    try:
+        expected = path.read_text(encoding="ascii").split()[0]
+    except (FileNotFoundError, IndexError, UnicodeDecodeError):
+        raise ModelError(f"{path}: missing or empty; the model directory is incomplete: copy it again or reconvert") from None
+    actual = hashlib.sha256(text).hexdigest()
+    if actual != expected:
+        raise ModelError(f"{directory / MANIFEST}: sha256 {actual[:12]}… does not match {MANIFEST_DIGEST}'s "
+                         f"{expected[:12]}…; the manifest was changed after convert wrote it: copy it again or reconvert")
+
+
+def verify_files(directory: Path, files: dict[str, str], what: str) -> None:
+    """Check every file (relative path -> sha256) against the manifest's sha256."""
+    for relative, expected in files.items():
         path = directory / relative
         try:
             actual = sha256_file(path)
         except FileNotFoundError:
-            raise ModelError(f"{path}: missing (artifact {artifact.key})") from None
+            raise ModelError(f"{path}: missing ({what})") from None
         if actual != expected:
             raise ModelError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
 
@@ -200,23 +244,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: Path, requested: str, runtime_name: str, runtime_config: Any, *, max_batch: int) -> LoadedModel:
-    """Resolve, verify, load, warm up and self-check; raise ModelError on any failure."""
+def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int,
+               blur_full_resolution: bool = False) -> LoadedModel:
+    """Resolve, verify, choose the served path, load, warm up and self-check; raise ModelError on any failure."""
     directory = resolve_model_dir(path)
     manifest = read_manifest(directory)
-    runtime = create_runtime(runtime_name, runtime_config)
-    artifact = choose_artifact(manifest, type(runtime).formats, requested)
-    verify_files(directory, artifact)
+    runtime = create_runtime(wanted.runtime, runtime_config)
+    choice = choose(manifest, wanted, type(runtime).formats)
+    artifact = manifest.artifacts[choice.path.artifact]
+    verify_files(directory, artifact.files, f"artifact {artifact.key}")
+    verify_files(directory, manifest.golden_sha256, "golden image")
     runtime.load(directory / artifact.file)
-    model = LoadedModel(manifest, artifact, runtime)
+    model = LoadedModel(manifest, artifact, runtime, choice)
     try:
         warm_up(model, max_batch)
-        model.selfcheck_max_abs_dp = self_check(model, max_batch)
+        model.selfcheck_max_abs_dp = self_check(model, max_batch, blur_full_resolution=blur_full_resolution)
     except BaseException:
         runtime.close()
         raise
-    log.info("model %s v%s (%s) ready on %s; self-check max |dp| %.2g",
-             manifest.name, manifest.version, artifact.key, runtime.describe()["device"], model.selfcheck_max_abs_dp)
+    log.info("model %s v%s serves %s on %s (%s); self-check max |dp| %.2g", manifest.name, manifest.version,
+             choice.path.key, runtime.describe()["device"], choice.reason, model.selfcheck_max_abs_dp)
     return model
 
 
@@ -239,32 +286,38 @@ def warm_up(model: LoadedModel, max_batch: int) -> None:
             )
 
 
-def self_check(model: LoadedModel, max_batch: int) -> float:
-    """Run the golden images through our own decode + runtime path; return the worst |Δp|.
+def self_check(model: LoadedModel, max_batch: int, *, blur_full_resolution: bool = False) -> float:
+    """Run the golden images through the served path (its decode mode, this runtime); return the worst |Δp|.
 
-    In batches no larger than serving uses, so the runtime's memory arena never
-    grows beyond what serving needs (ONNX Runtime keeps it for the process's life).
+    Against PyTorch's answers, within the tolerance convert measured for this path
+    plus its margin. In batches no larger than serving uses, so the runtime's memory
+    arena never grows beyond what serving needs (ONNX Runtime keeps it for the
+    process's life).
     """
-    manifest = model.manifest
+    manifest, served = model.manifest, model.served
     if not manifest.golden:
         raise ModelError(f"{manifest.directory / MANIFEST}: no golden images; the self-check cannot run")
     tensors = []
     for file, _ in manifest.golden:
         data = (manifest.directory / file).read_bytes()
-        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40).tensor)
+        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode,  # type: ignore[arg-type]
+                                      blur_full_resolution=blur_full_resolution).tensor)
     answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
                               for i in range(0, len(tensors), max_batch)])
     worst = 0.0
-    limit = model.artifact.selfcheck_max_abs_dp
+    limit = served.selfcheck_max_abs_dp
     for (file, expected), got in zip(manifest.golden, answers):
         expected_arr = np.asarray(expected, dtype=np.float64)
         delta = float(np.max(np.abs(got.astype(np.float64) - expected_arr)))
         worst = max(worst, delta)
         top_expected, top_got = int(np.argmax(expected_arr)), int(np.argmax(got))
         if top_expected != top_got or delta > limit:
+            others = [p for p in manifest.served_paths if p.passed and p.runtime == served.runtime and p.key != served.key]
+            fix = (f"serve another path that passed ({', '.join(p.key for p in others[:3])}) with model.artifact / "
+                   f"imaging.decode, or reconvert on this machine" if others else "reconvert on this machine")
             raise ModelError(
-                f"self-check failed for {model.artifact.key} on {file}: max |dp| {delta:.3g} "
+                f"self-check failed for {served.key} on {file}: max |dp| {delta:.3g} "
                 f"(allowed {limit:.3g}), top-1 {manifest.labels[top_got]} vs PyTorch's "
-                f"{manifest.labels[top_expected]}; refusing to serve"
+                f"{manifest.labels[top_expected]}; refusing to serve: {fix}"
             )
     return worst

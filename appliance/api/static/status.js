@@ -36,6 +36,9 @@ function render(status) {
   set("model-name", model.name);
   set("model-version", model.version);
   set("model-artifact", model.artifact ? model.artifact + (model.precision ? " (" + model.precision + ")" : "") : null);
+  const served = status.served_path || {};
+  set("served-path", served.key ? served.key + " (" + served.decode + " decode)" : null);
+  set("served-why", served.why);
   set("model-demo", model.demo ? "yes: not medical predictions" : "no");
   $("demo-banner").hidden = !model.demo;
   set("runtime-name", runtime.runtime);

@@ -1,0 +1,161 @@
+"""Served paths: an artifact, a decode mode and an inference precision, as `convert` measured them.
+
+What the clinic gets is not the artifact alone: how a photo is decoded (imaging's
+"fast" DCT-scaled JPEG decode or its "exact" whole decode) and, on OpenVINO, the
+inference precision move the probabilities too. `convert` runs each combination the
+way the server does, on the clinic's verification photos, against PyTorch, and writes
+the figures to model.json's `served_paths`. The server serves the fastest path that
+met the bar among those the configured runtime and settings allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ModelError
+from ..imaging import DECODE_MODES
+
+# The runtime a format's artifacts are measured (and served) on.
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+@dataclass(frozen=True)
+class ServedPath:
+    """One way of answering: artifact + runtime + decode mode + inference precision, and its figures."""
+
+    artifact: str
+    runtime: str
+    decode: str  # one of imaging.DECODE_MODES
+    precision: str  # the runtime's inference precision: "f32" or "bf16"
+    passed: bool
+    selfcheck_max_abs_dp: float
+    ms_per_image: float | None = None  # decode + inference, batch 1, as convert measured it
+    figures: Mapping[str, Any] = field(default_factory=dict)  # verification figures, as convert wrote them
+
+    @property
+    def key(self) -> str:
+        """`openvino-int8/fast`, `openvino-fp32@bf16/exact`."""
+        precision = "" if self.precision == "f32" else f"@{self.precision}"
+        return f"{self.artifact}{precision}/{self.decode}"
+
+    def summary(self) -> str:
+        """Its verification figures in a few words (for logs and refusals)."""
+        f = self.figures
+        if "top1_agreement" not in f:
+            return self.key
+        return (f"{self.key}: top-1 {f['top1_agreement']:.1%}, max |dp| {f['max_abs_dp']:.3g}"
+                f"{', worst class ' + str(f['worst_class']) if f.get('worst_class') else ''}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The `served_paths.<key>` table of model.json."""
+        return {
+            "artifact": self.artifact, "runtime": self.runtime, "decode": self.decode, "precision": self.precision,
+            "passed": self.passed, "ms_per_image": self.ms_per_image,
+            "selfcheck_max_abs_dp": self.selfcheck_max_abs_dp, **self.figures,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ServedPath:
+        """Parse one `served_paths` table; KeyError/ValueError/TypeError on a bad one."""
+        decode = str(raw["decode"])
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
+        ms = raw.get("ms_per_image")
+        own = {"artifact", "runtime", "decode", "precision", "passed", "ms_per_image", "selfcheck_max_abs_dp"}
+        return cls(
+            artifact=str(raw["artifact"]), runtime=str(raw["runtime"]), decode=decode,
+            precision=str(raw["precision"]), passed=bool(raw["passed"]),
+            selfcheck_max_abs_dp=float(raw["selfcheck_max_abs_dp"]),
+            ms_per_image=None if ms is None else float(ms),
+            figures={k: v for k, v in raw.items() if k not in own},
+        )
+
+
+def legacy_paths(artifacts: Iterable[Any], runtimes: Mapping[str, tuple[str, ...]]) -> list[ServedPath]:
+    """Paths for a manifest of format 1, which measured artifacts only (on the reference decode).
+
+    Every runtime that loads the format may serve it, with either decode, as before
+    served paths existed; `auto` ranks them by precision. Reconverting measures them.
+    """
+    return [
+        ServedPath(a.key, runtime, decode, "f32", not a.degraded, a.selfcheck_max_abs_dp)
+        for a in artifacts
+        for runtime, formats in runtimes.items() if a.format in formats
+        for decode in DECODE_MODES
+    ]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The served path and why it was chosen (for the log, /v1/info and the status page)."""
+
+    path: ServedPath
+    reason: str
+    degraded: bool = False
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the configuration asks for: the runtime, its inference precision, the artifact and decode mode."""
+
+    runtime: str
+    precision: str
+    artifact: str = "auto"
+    decode: str = "auto"
+
+    def allows(self, path: ServedPath) -> bool:
+        """Whether these settings would serve `path`."""
+        return (path.runtime == self.runtime and path.precision == self.precision
+                and self.artifact in ("auto", path.artifact) and self.decode in ("auto", path.decode))
+
+    def changes_for(self, path: ServedPath) -> str:
+        """The settings that would serve `path` instead."""
+        changes = []
+        if path.runtime != self.runtime:
+            changes.append(f'runtime.backend = "{path.runtime}"')
+        if path.precision != self.precision:
+            changes.append(f'runtime.{path.runtime}.inference_precision = "{path.precision}"')
+        if self.artifact not in ("auto", path.artifact):
+            changes.append('model.artifact = "auto"')
+        if self.decode not in ("auto", path.decode):
+            changes.append(f'imaging.decode = "{path.decode}" (or "auto")')
+        return f"{' and '.join(changes)} ({path.key})"
+
+    def __str__(self) -> str:
+        return (f'runtime.backend = "{self.runtime}" ({self.precision}), model.artifact = "{self.artifact}", '
+                f'imaging.decode = "{self.decode}"')
+
+
+def choose_path(paths: list[ServedPath], wanted: Wanted, *, rank: Mapping[str, int], source: str) -> Choice:
+    """The fastest path that met the bar among those `wanted` allows; ModelError naming the fix if none.
+
+    `rank` orders artifacts where convert measured no time (manifests of format 1).
+    """
+    def speed(p: ServedPath) -> tuple:
+        return (p.ms_per_image is None, p.ms_per_image or 0.0, rank.get(p.artifact, len(rank)),
+                DECODE_MODES.index(p.decode))
+
+    allowed = [p for p in paths if wanted.allows(p)]
+    passing = [p for p in allowed if p.passed]
+    if passing:
+        best = min(passing, key=speed)
+        f = best.figures
+        measured = f"{best.ms_per_image:g} ms/img, " if best.ms_per_image is not None else ""
+        verified = (f"top-1 {f['top1_agreement']:.1%} and max |dp| {f['max_abs_dp']:.3g} on {f['images']} "
+                    f"verification photos" if "images" in f else "artifact parity passed in convert")
+        return Choice(best, f"fastest of {len(passing)} path(s) that met the bar for these settings: {measured}{verified}")
+    if allowed and wanted.artifact != "auto":
+        # Named on purpose: served and flagged in every answer, as a degraded artifact always was.
+        best = min(allowed, key=lambda p: (-p.figures.get("top1_agreement", 0.0), speed(p)))
+        return Choice(best, f"model.artifact names {wanted.artifact}, whose path missed the bar ({best.summary()})", True)
+    if allowed:
+        what = f"no served path of {source} met the bar for {wanted} ({'; '.join(p.summary() for p in allowed[:3])})"
+    else:
+        what = f"{source} has no served path for {wanted}"
+    others = sorted((p for p in paths if p.passed), key=speed)
+    if others:
+        raise ModelError(f"{what}; these passed: set {'; or '.join(wanted.changes_for(p) for p in others[:3])}")
+    raise ModelError(f"{what}, and no other path passed either: reconvert with more (or more typical) photos in "
+                     f"--calibration-dir, or relax the bar with --min-agreement / --max-dp")
