@@ -14,9 +14,12 @@ METHODS = ("MinMax", "Entropy", "Percentile")
 DESCRIPTION = """\
 Turn a PyTorch checkpoint into a verified model directory <out>/<name>/<version>/:
 ONNX FP32, ONNX INT8 (static QDQ, per-channel weights, calibrated on your photos),
-OpenVINO IR FP32 and INT8, golden vectors and model.json (see models/README.md).
-Every artifact is compared with PyTorch FP32 on photos held out from calibration and
-the parity table is printed. To build the demo model instead: python -m convert demo
+OpenVINO IR FP32 and INT8, golden images and model.json (see models/README.md).
+Your photos are split three ways: calibration, selection (the INT8 search may look at
+them) and verification (only reported). Every served path (artifact + the server's
+fast or exact decode + precision) is run as the server runs it on the verification
+photos and compared with PyTorch; the table is printed and the server serves the
+fastest path that met the bar. To build the demo model instead: python -m convert demo
 (see python -m convert demo --help)."""
 
 
@@ -43,6 +46,10 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _fraction_or_one(value: str) -> float:
+    return 1.0 if value.strip() in ("1", "1.0") else _fraction(value)
+
+
 def convert_parser() -> argparse.ArgumentParser:
     """The parser for converting a checkpoint."""
     p = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,13 +72,20 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="keep an artifact that misses its parity bar, marked degraded in model.json (the server never picks it by default); without it such an INT8 artifact is left out")
     p.add_argument("--fp16", action="store_true", help="also write an FP16-compressed OpenVINO IR (openvino/fp16/)")
     p.add_argument("--holdout-fraction", type=_fraction, default=0.3, metavar="F",
-                   help="fraction of the calibration photos held out for verification (default: 0.3; at least one each way)")
+                   help="fraction of the photos held out for verification, only reported, never steering the INT8 search (default: 0.3)")
+    p.add_argument("--selection-fraction", type=_fraction, default=0.2, metavar="F",
+                   help="fraction of the photos the INT8 search checks its candidates on (default: 0.2); the rest calibrate")
+    p.add_argument("--min-agreement", type=_fraction_or_one, default=0.99, metavar="F",
+                   help="a served path passes with at least this top-1 agreement with PyTorch, overall and in every class (default: 0.99)")
+    p.add_argument("--max-dp", type=_fraction_or_one, default=0.05, metavar="D",
+                   help="... and at most this largest probability difference |dp| on any verification photo (default: 0.05)")
     p.add_argument("--max-calibration-images", type=int, default=400, metavar="N",
                    help="read at most N photos from --calibration-dir (default: 400)")
     p.add_argument("--calibration-methods", type=_methods, default=METHODS, metavar="LIST",
                    help="ONNX Runtime calibration methods to try, in order, until INT8 meets its bar (default: MinMax,Entropy,Percentile)")
     p.add_argument("--synthetic-images", type=int, default=32, metavar="N",
                    help="procedural photos for FP32 parity when no --calibration-dir is given (default: 32)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return p
 
 
@@ -87,6 +101,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="demo", help="model name (default: demo)")
     p.add_argument("--version", type=int, default=1, help="version to write (default: 1); refused if it exists")
     p.add_argument("--fp16", action="store_true", help="also write an FP16-compressed OpenVINO IR")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return p
 
 
@@ -108,12 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convert: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an input nobody foresaw: one line, the traceback on request
+        if "--debug" in argv:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"convert: error: unexpected {type(exc).__name__}{': ' + first if first else ''}; nothing was written. "
+              f"Run again with --debug for the traceback and report it with the command line", file=sys.stderr)
+        return 1
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .images import load_image_dir
     from .pipeline import ConvertOptions, convert
+    from .served import Bar
 
     labels = _labels(args.labels) if args.labels else list(HAM10000_LABELS)
     model = load_checkpoint(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint)
@@ -127,6 +150,8 @@ def _convert(args: argparse.Namespace) -> int:
         allow_degraded=args.allow_degraded,
         fp16=args.fp16,
         holdout_fraction=args.holdout_fraction,
+        selection_fraction=args.selection_fraction,
+        bar=Bar(args.min_agreement, args.max_dp),
         synthetic_images=args.synthetic_images,
         methods=args.calibration_methods,
     )

@@ -27,6 +27,7 @@ PHOTO_SIZE = (288, 256)
 BN_IMAGES = 48
 HEAD_IMAGES_PER_FAMILY = 16
 CALIBRATION_IMAGES = 48
+SELECTION_IMAGES = 48
 HELDOUT_IMAGES = 100
 RIDGE = 0.5  # times the feature count; large enough that the head does not memorise
 LOGIT_SCALE = 8.0  # fitted scores live around [0, 1]; this spreads them into useful probabilities
@@ -95,7 +96,7 @@ def _fit_head(model: nn.Module, seed: int) -> None:
 def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False) -> Path:
     """Build the demo model directory `<out>/<name>/<version>/` and return it."""
     from .checkpoint import load_checkpoint
-    from .images import ImageSet
+    from .images import image_set, jpeg_bytes
     from .pipeline import ConvertOptions, convert
 
     from .errors import ConvertError
@@ -109,17 +110,14 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
         torch.save(checkpoint, path)
         del checkpoint
         loaded = load_checkpoint(path, arch="resnet50")
-        calibration = preprocess(synthetic_photos(CALIBRATION_IMAGES, DEMO_SEED + 3, PHOTO_SIZE))
-        heldout = preprocess(synthetic_photos(HELDOUT_IMAGES, DEMO_SEED + 4, PHOTO_SIZE))
-        images = ImageSet(
-            [f"synthetic-calibration-{i}" for i in range(CALIBRATION_IMAGES)]
-            + [f"synthetic-heldout-{i}" for i in range(HELDOUT_IMAGES)],
-            np.concatenate([calibration, heldout]),
-            0,
-        )
+        # Encoded as a phone would send them: the served paths are measured on the bytes.
+        photos = [jpeg_bytes(image) for image in synthetic_photos(CALIBRATION_IMAGES + SELECTION_IMAGES, DEMO_SEED + 3, PHOTO_SIZE)]
+        photos += [jpeg_bytes(image) for image in synthetic_photos(HELDOUT_IMAGES, DEMO_SEED + 4, PHOTO_SIZE)]
+        images = image_set(photos, "synthetic")
         # MinMax only: the histogram methods add minutes on 2 cores and, measured on this
         # model, none meets the bar without keeping the stem in float anyway.
-        options = ConvertOptions(labels=list(FAMILIES), fp16=fp16, demo=True, heldout_count=HELDOUT_IMAGES, methods=("MinMax",))
+        options = ConvertOptions(labels=list(FAMILIES), fp16=fp16, demo=True, heldout_count=HELDOUT_IMAGES,
+                                 selection_count=SELECTION_IMAGES, methods=("MinMax",))
         source_extra = {"generated_by": "python -m convert demo", "seed": DEMO_SEED, "kept": False}
         return convert(loaded, out=Path(out), name=name, version=version, calibration=images, options=options, source_extra=source_extra)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .errors import ConvertError
@@ -34,6 +37,7 @@ def preprocessing_table() -> dict:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def _transform():
     # torchvision is imported lazily: it is the slow part of `import convert`.
     from torchvision import transforms
@@ -57,10 +61,26 @@ def preprocess(images: Iterable[Image.Image]) -> np.ndarray:
     return np.stack(arrays).astype(np.float32, copy=False)
 
 
+def jpeg_bytes(image: Image.Image, quality: int = 92) -> bytes:
+    """`image` encoded as a JPEG, as a phone's camera app would send it (no EXIF)."""
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def reference_tensor(source: Path | IO[bytes]) -> np.ndarray:
+    """Reference preprocessing of one encoded photo, EXIF orientation applied as the server applies it."""
+    with Image.open(source) as image:
+        return _transform()(ImageOps.exif_transpose(image).convert("RGB")).numpy()
+
+
 def preprocess_file(path: Path) -> np.ndarray:
     """Reference preprocessing of one encoded file, exactly as the manifest states it."""
-    with Image.open(path) as image:
-        return preprocess([image.convert("RGB")])[0]
+    return reference_tensor(path)
+
+
+# What the server accepts (appliance.imaging.ACCEPTED_FORMATS), as PIL names them; MPO is a phone's multi-picture JPEG.
+SERVABLE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,13 @@ class ImageSet:
     names: list[str]
     tensors: np.ndarray  # float32 [N, 3, 224, 224]
     skipped: int  # files that could not be decoded
+    sources: list[Path | bytes]  # each photo's file (or encoded bytes), for the served-path measurement
+    servable: list[bool]  # whether the server accepts its format (only those can verify a served path)
+
+    def data(self, index: int) -> bytes:
+        """The encoded bytes of photo `index`."""
+        source = self.sources[index]
+        return source if isinstance(source, bytes) else source.read_bytes()
 
 
 def load_image_dir(directory: Path, *, limit: int | None = None) -> ImageSet:
@@ -88,21 +115,30 @@ def load_image_dir(directory: Path, *, limit: int | None = None) -> ImageSet:
         raise ConvertError(f"cannot read calibration directory {directory}: {exc.strerror or exc}") from None
     if not files:
         raise ConvertError(f"calibration directory is empty: {directory}")
-    transform = _transform()
     names: list[str] = []
     arrays: list[np.ndarray] = []
+    sources: list[Path | bytes] = []
+    servable: list[bool] = []
     skipped = 0
     for path in tqdm(files, desc="reading calibration images", unit="img", leave=False):
         if limit is not None and len(arrays) >= limit:
             break
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
+                fmt = image.format
+            arrays.append(reference_tensor(path))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             skipped += 1
             continue
         names.append(str(path.relative_to(directory)))
-        arrays.append(transform(rgb).numpy())
+        sources.append(path)
+        servable.append(fmt in SERVABLE_FORMATS)
     if not arrays:
         raise ConvertError(f"no readable images in calibration directory {directory} ({skipped} unreadable files skipped)")
-    return ImageSet(names, np.stack(arrays).astype(np.float32, copy=False), skipped)
+    return ImageSet(names, np.stack(arrays).astype(np.float32, copy=False), skipped, sources, servable)
+
+
+def image_set(photos: list[bytes], prefix: str) -> ImageSet:
+    """An ImageSet of encoded photos made in memory (the demo's, tests')."""
+    tensors = np.stack([reference_tensor(io.BytesIO(data)) for data in photos])
+    return ImageSet([f"{prefix}-{i}" for i in range(len(photos))], tensors, 0, list(photos), [True] * len(photos))

@@ -1,7 +1,8 @@
-"""Writing the model directory's `model.json` and `source.json`, with sha256 of every file."""
+"""Writing the model directory's `model.json` (and its sha256 beside it) and `source.json`, with sha256 of every file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,7 +10,10 @@ from pathlib import Path
 from .checkpoint import sha256_file
 from .images import CROP, INPUT_NAME, OUTPUT_NAME, preprocessing_table
 
-FORMAT = 1
+# 2: served_paths, verification, golden sha256 and model.json.sha256 (the appliance reads 1 and 2).
+FORMAT = 2
+MANIFEST = "model.json"
+MANIFEST_DIGEST = "model.json.sha256"
 
 
 def file_hashes(version_dir: Path, files: list[Path]) -> dict[str, str]:
@@ -25,7 +29,8 @@ def artifact_entry(version_dir: Path, fmt: str, precision: str, files: list[Path
 
 
 def build_manifest(
-    *, name: str, version: int, demo: bool, labels: list[str], source: dict, artifacts: dict, golden: list[dict]
+    *, name: str, version: int, demo: bool, labels: list[str], source: dict, artifacts: dict, golden: list[dict],
+    served_paths: dict, verification: dict,
 ) -> dict:
     """The whole `model.json` document, in the order models/README.md shows it."""
     return {
@@ -40,8 +45,17 @@ def build_manifest(
         "preprocessing": preprocessing_table(),
         "source": source,
         "artifacts": artifacts,
+        "served_paths": served_paths,
+        "verification": verification,
         "golden": golden,
     }
+
+
+def write_manifest(version_dir: Path, document: dict) -> None:
+    """Write model.json and, beside it, its sha256 (which the appliance checks before reading it)."""
+    write_json(version_dir / MANIFEST, document)
+    digest = hashlib.sha256((version_dir / MANIFEST).read_bytes()).hexdigest()
+    (version_dir / MANIFEST_DIGEST).write_text(f"{digest}  {MANIFEST}\n", encoding="ascii")
 
 
 def write_json(path: Path, document: dict) -> None:

@@ -1,7 +1,10 @@
 """One conversion, start to finish: export, quantize, convert, verify, write the model directory.
 
-Everything is built in a hidden temporary directory inside `<out>/<name>/` and renamed to
-`<out>/<name>/<version>/` only when complete, so a failure leaves nothing half-written.
+The clinic's photos are split three ways: calibration (INT8 ranges), selection (what the
+INT8 search may look at) and verification (only reported: the artifact parity and every
+served path's figures, never a choice of the search). Everything is built in a hidden
+temporary directory inside `<out>/<name>/` and renamed to `<out>/<name>/<version>/` only
+when complete, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -11,26 +14,26 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from appliance.imaging import Preprocessing
+
 from . import golden as golden_mod
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, sha256_file
 from .errors import ConvertError
-from .images import ImageSet, preprocess
-from .manifest import artifact_entry, build_manifest, write_json
+from .images import ImageSet, jpeg_bytes, preprocessing_table
+from .manifest import artifact_entry, build_manifest, write_json, write_manifest
 from .runtimes import Runner, onnx_runner, openvino_runner, run_all, torch_runner
+from .served import MIN_VERIFICATION_PHOTOS, Bar, Candidate, Photo, format_paths, measure_paths, reference_tensors, with_phone_size_copies
 from .synthetic import synthetic_photos
-from .verify import Parity, bar_for, format_table, measure, top1_agreement
+from .verify import Parity, bar_for, measure, top1_agreement
 
 HOLDOUT_SEED = 0
 SYNTHETIC_SEED = 5_000
-FP32_SELFCHECK = 0.01
-LATENCY_RUNS = 5
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -42,10 +45,13 @@ class ConvertOptions:
     allow_degraded: bool = False
     fp16: bool = False
     demo: bool = False
-    holdout_fraction: float = 0.3
-    heldout_count: int | None = None  # exact held-out count (the last images), overriding the fraction
+    holdout_fraction: float = 0.3  # verification photos
+    selection_fraction: float = 0.2  # photos the INT8 search may look at
+    heldout_count: int | None = None  # exact verification count (the last images), overriding the fraction
+    selection_count: int | None = None  # exact selection count, overriding the fraction
     synthetic_images: int = 32
     methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile")
+    bar: Bar = field(default_factory=Bar)
 
 
 @dataclass
@@ -57,6 +63,17 @@ class _Artifact:
     runner: Runner
     parity: Parity
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Split:
+    """The clinic's photos, three ways."""
+
+    calibration: np.ndarray | None  # None: no photos given, no INT8
+    selection: np.ndarray
+    verification: list[Photo]
+    source: str  # "held-out" or "synthetic"
+    warning: str | None = None
 
 
 def say(message: str) -> None:
@@ -105,14 +122,14 @@ def convert(
     if final.exists():
         raise ConvertError(f"{final} already exists; pick another --version or leave it out to use the next one")
 
-    calib, heldout, heldout_source = _split(calibration, options)
+    split = _split(calibration, options)
     created_name_dir = not name_dir.exists()
     name_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".building-{version}-", dir=name_dir))
     try:
         with tempfile.TemporaryDirectory(prefix="convert-work-") as work:
-            manifest, table = _build(model, building, Path(work), name, version, calib, heldout, heldout_source, calibration, options, source_extra)
-        write_json(building / "model.json", manifest)
+            manifest, table = _build(model, building, Path(work), name, version, split, calibration, options, source_extra)
+        write_manifest(building, manifest)
         try:
             os.rename(building, final)
         except OSError as exc:
@@ -130,58 +147,58 @@ def convert(
     return final
 
 
-def _split(calibration: ImageSet | None, options: ConvertOptions) -> tuple[np.ndarray | None, np.ndarray, str]:
+def _split(calibration: ImageSet | None, options: ConvertOptions) -> Split:
+    """Calibration, selection and verification photos; only photos the server accepts verify."""
     if calibration is None:
-        photos = synthetic_photos(options.synthetic_images, SYNTHETIC_SEED)
-        return None, preprocess(photos), "synthetic"
+        photos = [jpeg_bytes(image) for image in synthetic_photos(options.synthetic_images, SYNTHETIC_SEED)]
+        verification = [Photo(f"synthetic-{i}", data) for i, data in enumerate(photos)]
+        return Split(None, np.zeros((0, 3, 224, 224), np.float32), verification, "synthetic")
     n = len(calibration.tensors)
-    if n < 2:
-        raise ConvertError(f"the calibration directory has {n} readable image; at least 2 are needed (some calibrate, some verify)")
+    order = [int(i) for i in np.random.default_rng(HOLDOUT_SEED).permutation(n)]
     if options.heldout_count is not None:
-        held = options.heldout_count
-        return calibration.tensors[: n - held], calibration.tensors[n - held :], "held-out"
-    held = min(n - 1, max(1, round(n * options.holdout_fraction)))
-    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
-    return calibration.tensors[np.sort(order[held:])], calibration.tensors[np.sort(order[:held])], "held-out"
+        chosen = list(range(n - options.heldout_count, n))
+    else:
+        eligible = [i for i in order if calibration.servable[i]]
+        # At least one photo calibrates; then one verifies, then one selects, as far as they go.
+        held = min(len(eligible), n - 1, max(1 if n >= 2 else 0, round(n * options.holdout_fraction)))
+        chosen = sorted(eligible[:held])
+    rest = [i for i in order if i not in set(chosen)]
+    wanted = options.selection_count if options.selection_count is not None else round(n * options.selection_fraction)
+    pick = min(len(rest) - 1, max(1 if len(rest) >= 2 else 0, wanted))
+    selection = sorted(rest[:pick])
+    taken = set(chosen) | set(selection)
+    calib = calibration.tensors[[i for i in range(n) if i not in taken]]
+    verification = [Photo(calibration.names[i], calibration.data(i)) for i in chosen]
+    source, warning = "held-out", None
+    if not verification:
+        warning = (f"none of the {n} photo(s) could verify (the server accepts JPEG, PNG and WebP, and one photo "
+                   f"is needed to calibrate); served paths were measured on {options.synthetic_images} synthetic photos")
+        verification = [Photo(f"synthetic-{i}", jpeg_bytes(image))
+                        for i, image in enumerate(synthetic_photos(options.synthetic_images, SYNTHETIC_SEED))]
+        source = "synthetic"
+    elif len(verification) < MIN_VERIFICATION_PHOTOS:
+        warning = (f"only {len(verification)} verification photo(s), fewer than {MIN_VERIFICATION_PHOTOS}: one "
+                   f"disagreement moves top-1 by {1 / len(verification):.0%}; add photos to --calibration-dir")
+    return Split(calib, calibration.tensors[selection], verification, source, warning)
 
 
-def _latency_ms(runner: Runner, sample: np.ndarray) -> float:
-    runner(sample)  # the first run compiles kernels and allocates; not what a request pays
-    times = []
-    for _ in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        runner(sample)
-        times.append(time.perf_counter() - start)
-    return round(float(np.median(times)) * 1000, 2)
-
-
-BF16_ROW = "openvino@bf16"
-
-
-def _bf16(xml_path: Path, verify: Callable[[str, Runner, str], Parity]) -> tuple[str, Parity | None, str]:
-    """The FP32 IR run with bf16 inference precision (a serving option): its parity row, if this CPU has bf16."""
-    from .openvino import cpu_has_bf16
-
-    if not cpu_has_bf16():
-        return (BF16_ROW, None, "not measured: this CPU has no native bf16")
-    return (BF16_ROW, verify(BF16_ROW, openvino_runner(xml_path, precision="bf16"), "bf16"),
-            "serving option of openvino-fp32 (runtime.openvino.inference_precision = \"bf16\")")
-
-
-def _build(model, root, work, name, version, calib, heldout, heldout_source, calibration, options, source_extra):
+def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, split: Split,
+           calibration: ImageSet | None, options: ConvertOptions, source_extra: dict | None) -> tuple[dict, str]:
     from .export import export_onnx
-    from .openvino import convert_ir
-    from .quantize import quantize_int8
+    from .openvino import convert_ir, cpu_has_bf16
 
     labels = options.labels
     reference_runner = torch_runner(model.module)
-    reference = run_all(reference_runner, heldout, desc="verifying: PyTorch FP32")
-    say(f"verifying on {len(heldout)} {heldout_source} images")
+    photos = with_phone_size_copies(split.verification)
+    upscaled = sum(p.upscaled for p in photos)
+    say(f"verifying on {len(split.verification)} {split.source} photos"
+        + (f" and {upscaled} phone-size copies of them" if upscaled else ""))
+    verification = reference_tensors(photos)
+    reference = run_all(reference_runner, verification, desc="verifying: PyTorch FP32")
     artifacts: list[_Artifact] = []
-    rows: list[tuple[str, Parity | None, str]] = []
 
     def verify(key: str, runner: Runner, precision: str) -> Parity:
-        probs = run_all(runner, heldout, desc=f"verifying: {key}")
+        probs = run_all(runner, verification, desc=f"verifying: {key}")
         return measure(reference, probs, labels, bar_for(precision))
 
     say("exporting ONNX FP32")
@@ -193,14 +210,11 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
     say("converting to OpenVINO IR FP32")
     ov_fp32 = convert_ir(onnx_fp32, root / "openvino" / "fp32" / "model.xml")
     runner = openvino_runner(ov_fp32[0])
-    bf16_row = _bf16(ov_fp32[0], verify)
-    bf16 = bf16_row[1].to_json() if bf16_row[1] is not None else None
-    artifacts.append(_Artifact("openvino-fp32", "openvino", "fp32", ov_fp32, runner, verify("openvino-fp32", runner, "fp32"),
-                               {"inference_precision": "f32", "bf16_parity": bf16}))
+    artifacts.append(_Artifact("openvino-fp32", "openvino", "fp32", ov_fp32, runner, verify("openvino-fp32", runner, "fp32")))
     if options.fp16:
         ov_fp16 = convert_ir(onnx_fp32, root / "openvino" / "fp16" / "model.xml", compress_to_fp16=True)
         runner = openvino_runner(ov_fp16[0])
-        artifacts.append(_Artifact("openvino-fp16", "openvino", "fp16", ov_fp16, runner, verify("openvino-fp16", runner, "fp16"), {"inference_precision": "f32"}))
+        artifacts.append(_Artifact("openvino-fp16", "openvino", "fp16", ov_fp16, runner, verify("openvino-fp16", runner, "fp16")))
 
     for art in artifacts:
         if art.precision == "fp32" and not art.parity.passed:
@@ -212,38 +226,50 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
                 raise ConvertError(message + "; --allow-degraded keeps it anyway, marked degraded")
             shout(message + "; kept as degraded because of --allow-degraded")
 
-    if calib is None:
+    if split.calibration is None:
         say("INT8 skipped: no --calibration-dir given (INT8 is calibrated on your own photos)")
-        rows_int8 = [("onnx-int8", None, "skipped: no --calibration-dir"), ("openvino-int8", None, "skipped: no --calibration-dir")]
+        left_out = ["onnx-int8 and openvino-int8 skipped: no --calibration-dir"]
     else:
-        rows_int8 = _int8(model, root, work, calib, heldout, reference, reference_runner, artifacts, verify, options, calibration, quantize_int8, convert_ir)
+        left_out = _int8(root, work, split, reference_runner, artifacts, verify, options, calibration)
 
     say("writing golden vectors")
     golden = golden_mod.write_golden(root / "golden", reference_runner)
     if golden.low_margin:
         say(f"note: {golden.low_margin} golden image(s) have a top-1 margin under {golden_mod.MIN_MARGIN}; the model is rarely that sure of synthetic photos")
 
+    say("measuring served paths (artifact, decode mode, precision) as the server runs them")
+    bf16 = cpu_has_bf16()
+    spec = Preprocessing.from_manifest(preprocessing_table())
+    candidates = [Candidate(a.key, a.fmt, a.precision, a.files[0]) for a in artifacts]
+    paths = measure_paths(candidates, photos, reference, ([f.read_bytes() for f in golden.files], golden.probabilities),
+                          spec, labels, options.bar, bf16=bf16, say=say)
+    if not bf16:
+        left_out.append("openvino-fp32@bf16 not measured: this CPU has no native bf16")
+
+    notes: dict[str, str] = {}
     entries: dict[str, dict] = {}
-    sample = heldout[:1]
     for art in artifacts:
-        golden_dp = float(np.max(np.abs(art.runner(golden.tensors) - golden.probabilities)))
-        selfcheck = FP32_SELFCHECK if art.precision == "fp32" else max(0.05 if art.precision == "int8" else FP32_SELFCHECK, 1.5 * golden_dp)
+        mine = [p for p in paths if p.artifact == art.key]
         entries[art.key] = artifact_entry(
             root,
             art.fmt,
             art.precision,
             art.files,
             degraded=not art.parity.passed,
-            selfcheck_max_abs_dp=round(selfcheck, 6),
+            # Format 1's tolerance, for older appliances: the strictest of this artifact's passing paths.
+            selfcheck_max_abs_dp=min((p.selfcheck_max_abs_dp for p in mine if p.passed),
+                                     default=max(p.selfcheck_max_abs_dp for p in mine)),
             parity=art.parity.to_json(),
-            latency_ms=_latency_ms(art.runner, sample),
+            latency_ms=min(p.ms_per_image or 0.0 for p in mine),
             **art.extra,
         )
-        rows.append((art.key, art.parity, "degraded, kept (--allow-degraded)" if not art.parity.passed else ""))
-    rows.extend(rows_int8)
-    rows.append(bf16_row)
-    order = ["onnx-fp32", "onnx-int8", "openvino-fp32", BF16_ROW, "openvino-fp16", "openvino-int8"]
-    rows.sort(key=lambda r: order.index(r[0]) if r[0] in order else len(order))
+        if not art.parity.passed:
+            notes.update({p.key: "degraded, kept (--allow-degraded)" for p in mine})
+    for runtime in sorted({p.runtime for p in paths}):
+        passing = [p for p in paths if p.runtime == runtime and p.passed and p.inference_precision == "f32"]
+        if passing:
+            best = min(passing, key=lambda p: p.ms_per_image or 0.0)
+            notes[best.key] = (notes.get(best.key, "") + f"  <- served by runtime.backend = \"{runtime}\"").strip()
 
     source = {
         "file": model.path.name,
@@ -254,6 +280,7 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
         **(source_extra or {}),
     }
     write_json(root / "source.json", {"path": str(model.path.resolve()) if not options.demo else None, **source})
+    warnings = [w for w in (split.warning,) if w]
     manifest = build_manifest(
         name=name,
         version=version,
@@ -262,60 +289,73 @@ def _build(model, root, work, name, version, calib, heldout, heldout_source, cal
         source=source,
         artifacts=entries,
         golden=[
-            {"file": path.relative_to(root).as_posix(), "probabilities": [float(x) for x in probs]}
+            {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "probabilities": [float(x) for x in probs]}
             for path, probs in zip(golden.files, golden.probabilities)
         ],
+        served_paths={p.key: p.to_json() for p in paths},
+        verification={"photos": len(split.verification), "source": split.source, "phone_size_copies": upscaled,
+                      "min_photos": MIN_VERIFICATION_PHOTOS, "bar": options.bar.to_json(), "warnings": warnings},
     )
-    return manifest, format_table(rows)
+    table = format_paths(paths, options.bar, notes)
+    for line in left_out + [f"WARNING: {w}" for w in warnings]:
+        table += f"\n{line}"
+    if not any(p.passed for p in paths):
+        shout("no served path met the bar: the appliance will refuse to serve this model (its message names the "
+              "settings); add photos to --calibration-dir, or relax --min-agreement / --max-dp")
+    return manifest, table
 
 
-def _int8(model, root, work, calib, heldout, reference, reference_runner, artifacts, verify, options, calibration, quantize_int8, convert_ir):
-    bar = bar_for("int8")["top1_agreement"]
+def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifacts: list[_Artifact],
+          verify: Callable[[str, Runner, str], Parity], options: ConvertOptions, calibration: ImageSet | None) -> list[str]:
+    """Quantize, searching on calibration and selection photos only; return lines for what was left out."""
+    from .openvino import convert_ir
+    from .quantize import quantize_int8
+
+    assert split.calibration is not None
+    calib, selection = split.calibration, split.selection
+    bar = options.bar.min_agreement
     calib_reference = run_all(reference_runner, calib, desc="calibration images: PyTorch FP32")
+    selection_reference = run_all(reference_runner, selection, desc="selection images: PyTorch FP32")
 
     def evaluate(path: Path) -> float:
-        # Tuned on calibration and held-out images together; the reported parity is on the held-out ones.
+        # The search looks at selection and calibration photos, never at verification ones.
         runner = onnx_runner(path)
-        held = top1_agreement(reference, run_all(runner, heldout, desc="verifying: INT8 candidate"))
-        if held < bar:  # no need to look further
-            return held
-        return min(held, top1_agreement(calib_reference, run_all(runner, calib, desc="verifying: INT8 candidate (calibration images)")))
+        agreement = 1.0
+        for reference, tensors in ((selection_reference, selection), (calib_reference, calib)):
+            if len(tensors):
+                agreement = min(agreement, top1_agreement(reference, run_all(runner, tensors, desc="INT8 candidate")))
+            if agreement < bar:  # no need to look further
+                break
+        return agreement
 
-    say(f"quantizing to INT8 on {len(calib)} calibration images ({len(heldout)} held out)")
+    say(f"quantizing to INT8 on {len(calib)} calibration photos ({len(selection)} for selection, "
+        f"{len(split.verification)} for verification)")
     result = quantize_int8(root / "model.onnx", work, calib, evaluate, bar=bar, methods=options.methods, say=say)
+    if result.kept_float_nodes:
+        say(f"INT8 keeps {len(result.kept_float_nodes)} node(s) in float: {', '.join(result.kept_float_nodes[:8])}{' ...' if len(result.kept_float_nodes) > 8 else ''}")
+    if not result.passed and not options.allow_degraded:
+        what = (f"INT8 reached only {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%}) "
+                f"with every calibration method and {len(result.kept_float_nodes)} node(s) kept in float")
+        shout(f"{what}; onnx-int8 and openvino-int8 are LEFT OUT (--allow-degraded keeps them, marked degraded)")
+        return [f"onnx-int8 and openvino-int8 left out: {what}"]
     onnx_int8 = root / "model.int8.onnx"
     shutil.copyfile(result.path, onnx_int8)
     extra = {
         "kept_float_nodes": result.kept_float_nodes,
         "calibration": {
             "images": len(calib),
+            "selection_images": len(selection),
             "method": result.method,
             "skipped_unreadable": calibration.skipped if calibration is not None else 0,
             "tried": [a.to_json() for a in result.attempts],
         },
     }
     runner = onnx_runner(onnx_int8)
-    candidates = [_Artifact("onnx-int8", "onnx", "int8", [onnx_int8], runner, verify("onnx-int8", runner, "int8"), extra)]
+    artifacts.append(_Artifact("onnx-int8", "onnx", "int8", [onnx_int8], runner, verify("onnx-int8", runner, "int8"), extra))
     say("converting INT8 to OpenVINO IR")
     ov_int8 = convert_ir(onnx_int8, root / "openvino" / "int8" / "model.xml")
     runner = openvino_runner(ov_int8[0])
-    candidates.append(_Artifact("openvino-int8", "openvino", "int8", ov_int8, runner, verify("openvino-int8", runner, "int8"), {**extra, "inference_precision": "f32"}))
-    if result.kept_float_nodes:
-        say(f"INT8 keeps {len(result.kept_float_nodes)} node(s) in float: {', '.join(result.kept_float_nodes[:8])}{' ...' if len(result.kept_float_nodes) > 8 else ''}")
-    rows = []
-    for art in candidates:
-        if art.parity.passed:
-            artifacts.append(art)
-            continue
-        what = f"{art.key} agrees with PyTorch on only {art.parity.top1_agreement:.2%} of held-out images (bar {bar:.0%})"
-        if options.allow_degraded:
-            shout(f"{what}; kept as DEGRADED because of --allow-degraded (the server never picks it by default)")
-            artifacts.append(art)
-        else:
-            shout(f"{what}; it is LEFT OUT of the model directory (--allow-degraded keeps it, marked degraded)")
-            for path in art.files:
-                path.unlink(missing_ok=True)
-            rows.append((art.key, art.parity, "left out (degraded)"))
-    if not (root / "openvino" / "int8").exists() or not any((root / "openvino" / "int8").iterdir()):
-        shutil.rmtree(root / "openvino" / "int8", ignore_errors=True)
-    return rows
+    artifacts.append(_Artifact("openvino-int8", "openvino", "int8", ov_int8, runner, verify("openvino-int8", runner, "int8"), extra))
+    if not result.passed:
+        shout(f"INT8 reached only {result.agreement:.2%} on the selection photos; kept as DEGRADED because of --allow-degraded")
+    return []

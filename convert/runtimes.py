@@ -1,4 +1,4 @@
-"""Run a batch through each engine the parity report compares: PyTorch, ONNX Runtime, OpenVINO."""
+"""Run a batch through each engine the parity report compares: PyTorch, and the appliance's own runtimes."""
 
 from __future__ import annotations
 
@@ -24,25 +24,21 @@ def torch_runner(module) -> Runner:
 
 
 def onnx_runner(path: Path) -> Runner:
-    """An ONNX Runtime CPU session with every graph optimisation on, as the server runs it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(None, {input_name: batch})[0], dtype=np.float32)
-
-    return run
+    """The appliance's ONNX Runtime back end, default settings (CPU), as the server runs it."""
+    return _appliance_runner("onnxruntime", path)
 
 
 def openvino_runner(xml_path: Path, *, precision: str = "f32") -> Runner:
-    """An OpenVINO CPU compile of an IR with the inference precision pinned."""
-    from .openvino import OpenVINORunner
+    """The appliance's OpenVINO back end on CPU, inference precision pinned (f32 unless asked)."""
+    return _appliance_runner("openvino", xml_path, inference_precision=precision)
 
-    return OpenVINORunner(xml_path, precision=precision)
+
+def _appliance_runner(name: str, path: Path, **settings: str) -> Runner:
+    from appliance.inference.runtimes import create_runtime, runtime_class
+
+    runtime = create_runtime(name, runtime_class(name).Config(**settings))
+    runtime.load(path)
+    return runtime.infer
 
 
 def run_all(runner: Runner, tensors: np.ndarray, *, desc: str | None = None) -> np.ndarray:

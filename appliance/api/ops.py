@@ -71,7 +71,8 @@ async def info(request: web.Request) -> web.Response:
 def served_path(model: LoadedModel) -> dict[str, Any]:
     """Which served path answers and why, with the figures convert measured for it."""
     path = model.served
-    return {"key": path.key, "artifact": path.artifact, "decode": path.decode, "precision": path.precision,
+    return {"key": path.key, "artifact": path.artifact, "decode": path.decode,
+            "inference_precision": path.inference_precision,
             "ms_per_image": path.ms_per_image, "why": model.choice.reason, "passed": path.passed,
             "verification": dict(path.figures)}
 

@@ -28,7 +28,7 @@ class ServedPath:
     artifact: str
     runtime: str
     decode: str  # one of imaging.DECODE_MODES
-    precision: str  # the runtime's inference precision: "f32" or "bf16"
+    inference_precision: str  # the runtime's inference precision: "f32" or "bf16"
     passed: bool
     selfcheck_max_abs_dp: float
     ms_per_image: float | None = None  # decode + inference, batch 1, as convert measured it
@@ -37,7 +37,7 @@ class ServedPath:
     @property
     def key(self) -> str:
         """`openvino-int8/fast`, `openvino-fp32@bf16/exact`."""
-        precision = "" if self.precision == "f32" else f"@{self.precision}"
+        precision = "" if self.inference_precision == "f32" else f"@{self.inference_precision}"
         return f"{self.artifact}{precision}/{self.decode}"
 
     def summary(self) -> str:
@@ -51,7 +51,8 @@ class ServedPath:
     def to_json(self) -> dict[str, Any]:
         """The `served_paths.<key>` table of model.json."""
         return {
-            "artifact": self.artifact, "runtime": self.runtime, "decode": self.decode, "precision": self.precision,
+            "artifact": self.artifact, "runtime": self.runtime, "decode": self.decode,
+            "inference_precision": self.inference_precision,
             "passed": self.passed, "ms_per_image": self.ms_per_image,
             "selfcheck_max_abs_dp": self.selfcheck_max_abs_dp, **self.figures,
         }
@@ -63,10 +64,10 @@ class ServedPath:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         ms = raw.get("ms_per_image")
-        own = {"artifact", "runtime", "decode", "precision", "passed", "ms_per_image", "selfcheck_max_abs_dp"}
+        own = {"artifact", "runtime", "decode", "inference_precision", "passed", "ms_per_image", "selfcheck_max_abs_dp"}
         return cls(
             artifact=str(raw["artifact"]), runtime=str(raw["runtime"]), decode=decode,
-            precision=str(raw["precision"]), passed=bool(raw["passed"]),
+            inference_precision=str(raw["inference_precision"]), passed=bool(raw["passed"]),
             selfcheck_max_abs_dp=float(raw["selfcheck_max_abs_dp"]),
             ms_per_image=None if ms is None else float(ms),
             figures={k: v for k, v in raw.items() if k not in own},
@@ -107,7 +108,7 @@ class Wanted:
 
     def allows(self, path: ServedPath) -> bool:
         """Whether these settings would serve `path`."""
-        return (path.runtime == self.runtime and path.precision == self.precision
+        return (path.runtime == self.runtime and path.inference_precision == self.precision
                 and self.artifact in ("auto", path.artifact) and self.decode in ("auto", path.decode))
 
     def changes_for(self, path: ServedPath) -> str:
@@ -115,8 +116,8 @@ class Wanted:
         changes = []
         if path.runtime != self.runtime:
             changes.append(f'runtime.backend = "{path.runtime}"')
-        if path.precision != self.precision:
-            changes.append(f'runtime.{path.runtime}.inference_precision = "{path.precision}"')
+        if path.inference_precision != self.precision:
+            changes.append(f'runtime.{path.runtime}.inference_precision = "{path.inference_precision}"')
         if self.artifact not in ("auto", path.artifact):
             changes.append('model.artifact = "auto"')
         if self.decode not in ("auto", path.decode):

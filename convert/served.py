@@ -1,0 +1,253 @@
+"""Measuring served paths: each artifact run the way the server runs it, against PyTorch.
+
+A served path is an artifact, a decode mode of the server's own `imaging.decode`
+and, on OpenVINO, an inference precision. Each one is measured on the verification
+photos as encoded files at the size they were taken (and on phone-size copies when
+the clinic's photos are small), through the appliance's own runtime classes, and on
+the golden images the server self-checks with at every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from appliance import imaging
+from appliance.inference.paths import RUNTIME_OF_FORMAT, ServedPath
+from appliance.inference.runtimes import Runtime, create_runtime, runtime_class
+
+from .images import jpeg_bytes, reference_tensor
+
+# The bar a served path must meet, overall and in every class (convert options).
+MIN_AGREEMENT = 0.99
+MAX_ABS_DP = 0.05
+# Fewer verification photos than this and the figures carry a warning.
+MIN_VERIFICATION_PHOTOS = 30
+# Photos whose shorter side is under this are also measured as phone-size copies.
+PHONE_SHORT_SIDE = 3024
+SMALL_SHORT_SIDE = 1536
+MAX_UPSCALED = 32
+SENSOR_NOISE = 4.0  # Gaussian noise, in 8-bit levels, on the upscaled copies
+UPSCALE_SEED = 9_000
+# Self-check tolerance: what convert measured on the golden images plus this margin
+# (another CPU's kernels, above all INT8 and bf16 ones, round differently).
+SELFCHECK_MARGIN = {"fp32": 0.01, "fp16": 0.02, "int8": 0.05, "bf16": 0.05}
+LATENCY_RUNS = 5
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class Bar:
+    """What a served path must reach on the verification photos, overall and per class."""
+
+    min_agreement: float = MIN_AGREEMENT
+    max_abs_dp: float = MAX_ABS_DP
+
+    def to_json(self) -> dict:
+        return {"top1_agreement": self.min_agreement, "max_abs_dp": self.max_abs_dp, "per_class": True}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One encoded photo the server could receive, and what PyTorch answers for it."""
+
+    name: str
+    data: bytes
+    upscaled: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An artifact as written to the model directory."""
+
+    key: str
+    format: str
+    precision: str
+    file: Path
+
+
+def phone_size_copy(image: Image.Image, seed: int, short_side: int = PHONE_SHORT_SIDE) -> bytes:
+    """`image` upscaled to a phone's resolution with sensor-like noise, as a JPEG (quality 92)."""
+    w, h = image.size
+    f = short_side / min(w, h)
+    big = image.convert("RGB").resize((round(w * f), round(h * f)), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(big, np.float32)
+    noisy = pixels + rng.normal(0, SENSOR_NOISE, pixels.shape).astype(np.float32)
+    return jpeg_bytes(Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8)))
+
+
+def with_phone_size_copies(photos: list[Photo]) -> list[Photo]:
+    """`photos`, plus phone-size copies of up to MAX_UPSCALED of them when most are smaller than phones take."""
+    sizes = [min(Image.open(io.BytesIO(p.data)).size) for p in photos]
+    if not sizes or statistics.median(sizes) >= SMALL_SHORT_SIDE:
+        return photos
+    copies = []
+    for index, photo in enumerate(photos[:MAX_UPSCALED]):
+        with Image.open(io.BytesIO(photo.data)) as image:
+            data = phone_size_copy(imaging_oriented(image), UPSCALE_SEED + index)
+        copies.append(Photo(f"{photo.name} (phone size)", data, upscaled=True))
+    return photos + copies
+
+
+def imaging_oriented(image: Image.Image) -> Image.Image:
+    """The image as the server sees it: EXIF orientation applied."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def reference_tensors(photos: list[Photo]) -> np.ndarray:
+    """The reference preprocessing of each photo's bytes (what PyTorch is given)."""
+    return np.stack([reference_tensor(io.BytesIO(p.data)) for p in photos])
+
+
+@dataclass
+class Decoded:
+    """Every photo and golden image through one decode mode of the server."""
+
+    mode: str
+    tensors: np.ndarray
+    golden: np.ndarray
+    ms_per_image: float
+
+
+def decode_all(photos: list[Photo], golden: list[bytes], spec: imaging.Preprocessing, mode: str) -> Decoded:
+    """Decode with the server's own `imaging.decode` in `mode`, timing each photo."""
+    def run(items: list[bytes]) -> Iterator[tuple[np.ndarray, float]]:
+        for data in items:
+            start = time.perf_counter()
+            tensor = imaging.decode(data, spec, max_pixels=1 << 40, mode=mode).tensor  # type: ignore[arg-type]
+            yield tensor, time.perf_counter() - start
+
+    measured = list(run([p.data for p in photos]))
+    golden_tensors = np.stack([t for t, _ in run(golden)])
+    # Phone-size photos are what the server will mostly decode; time those when there are some.
+    big = [s for (_, s), p in zip(measured, photos) if p.upscaled] or [s for _, s in measured]
+    return Decoded(mode, np.stack([t for t, _ in measured]), golden_tensors, 1000 * statistics.median(big))
+
+
+def runtimes_for(candidate: Candidate, bf16: bool) -> list[tuple[str, Runtime]]:
+    """The appliance runtime(s) that serve this artifact: (inference precision, runtime), nothing loaded yet."""
+    name = RUNTIME_OF_FORMAT[candidate.format]
+    config_class = runtime_class(name).Config
+    precisions = ["f32"]
+    if bf16 and candidate.precision == "fp32" and "inference_precision" in {f.name for f in dataclasses.fields(config_class)}:
+        precisions.append("bf16")
+    runtimes = []
+    for precision in precisions:
+        config = config_class()
+        if precision != "f32":
+            config = dataclasses.replace(config, inference_precision=precision)
+        runtimes.append((precision, create_runtime(name, config)))
+    return runtimes
+
+
+def infer_all(runtime: Runtime, tensors: np.ndarray) -> np.ndarray:
+    """Probabilities for every tensor, in batches of the server's size."""
+    return np.concatenate([runtime.infer(np.ascontiguousarray(tensors[i : i + BATCH])) for i in range(0, len(tensors), BATCH)])
+
+
+def latency_ms(runtime: Runtime, tensor: np.ndarray) -> float:
+    """Median time of one batch-1 inference, after a first run that compiles and allocates."""
+    runtime.infer(tensor[None])
+    times = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        runtime.infer(tensor[None])
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def figures(reference: np.ndarray, probs: np.ndarray, labels: list[str], photos: list[Photo]) -> dict:
+    """Agreement with PyTorch overall and for each class PyTorch predicts among the photos."""
+    ref_top, top = reference.argmax(1), probs.argmax(1)
+    dp = np.abs(reference.astype(np.float64) - probs).max(1)
+    per_class = {}
+    for k, label in enumerate(labels):
+        mask = ref_top == k
+        if mask.any():
+            per_class[label] = {"images": int(mask.sum()), "top1_agreement": float(np.mean(top[mask] == k)),
+                                "max_abs_dp": float(dp[mask].max())}
+    worst = min(per_class, key=lambda c: (per_class[c]["top1_agreement"], -per_class[c]["max_abs_dp"]), default=None)
+    return {
+        "images": len(photos),
+        "upscaled": sum(p.upscaled for p in photos),
+        "top1_agreement": float(np.mean(top == ref_top)),
+        "max_abs_dp": float(dp.max()),
+        "median_abs_dp": float(np.median(dp)),
+        "worst_class": worst,
+        "per_class": per_class,
+    }
+
+
+def passes(f: dict, bar: Bar) -> bool:
+    """The bar, overall and in every class; and no golden image may change its answer."""
+    classes_ok = all(c["top1_agreement"] >= bar.min_agreement and c["max_abs_dp"] <= bar.max_abs_dp
+                     for c in f["per_class"].values())
+    return (f["top1_agreement"] >= bar.min_agreement and f["max_abs_dp"] <= bar.max_abs_dp and classes_ok
+            and f["golden_top1_agreement"] == 1.0)
+
+
+def measure_paths(
+    candidates: list[Candidate],
+    photos: list[Photo],
+    reference: np.ndarray,
+    golden: tuple[list[bytes], np.ndarray],
+    spec: imaging.Preprocessing,
+    labels: list[str],
+    bar: Bar,
+    *,
+    bf16: bool,
+    say=print,
+) -> list[ServedPath]:
+    """Every served path of every candidate, measured against `reference` (PyTorch's probabilities)."""
+    golden_bytes, golden_reference = golden
+    decoded = [decode_all(photos, golden_bytes, spec, mode) for mode in imaging.DECODE_MODES]
+    paths = []
+    for candidate in candidates:
+        for precision, runtime in runtimes_for(candidate, bf16):
+            runtime.load(candidate.file)
+            try:
+                latency = latency_ms(runtime, decoded[0].tensors[0])
+                for d in decoded:
+                    f = figures(reference, infer_all(runtime, d.tensors), labels, photos)
+                    golden_probs = infer_all(runtime, d.golden)
+                    golden_dp = float(np.abs(golden_probs - golden_reference).max())
+                    f["golden_max_abs_dp"] = golden_dp
+                    f["golden_top1_agreement"] = float(np.mean(golden_probs.argmax(1) == golden_reference.argmax(1)))
+                    margin = SELFCHECK_MARGIN["bf16" if precision == "bf16" else candidate.precision]
+                    path = ServedPath(candidate.key, runtime.name, d.mode, precision, passes(f, bar),
+                                      round(golden_dp + margin, 6), round(d.ms_per_image + latency, 1), f)
+                    say(f"served path {path.key}: top-1 {f['top1_agreement']:.2%}, max |dp| {f['max_abs_dp']:.3g}")
+                    paths.append(path)
+            finally:
+                runtime.close()
+    return paths
+
+
+def format_paths(paths: list[ServedPath], bar: Bar, notes: dict[str, str]) -> str:
+    """The table convert prints: one row per served path."""
+    header = (f"{'served path':<26} {'photos':>7} {'top-1':>8} {'max|dp|':>8} {'med|dp|':>8} "
+              f"{'worst class':>16} {'ms/img':>7}  result")
+    lines = [header, "-" * len(header)]
+    for p in paths:
+        f = p.figures
+        photos = f"{f['images'] - f['upscaled']}+{f['upscaled']}" if f["upscaled"] else str(f["images"])
+        worst = f["worst_class"]
+        worst_text = f"{worst} {f['per_class'][worst]['top1_agreement']:.0%}" if worst else "-"
+        result = "pass" if p.passed else "FAIL"
+        note = notes.get(p.key, "")
+        lines.append(f"{p.key:<26} {photos:>7} {f['top1_agreement']:>8.2%} {f['max_abs_dp']:>8.2e} "
+                     f"{f['median_abs_dp']:>8.1e} {worst_text:>16} {p.ms_per_image:>7.1f}  {result}{'  ' + note if note else ''}")
+    lines.append(f"bar: top-1 >= {bar.min_agreement:.0%} and max |dp| <= {bar.max_abs_dp:g} overall and in every class "
+                 f"(--min-agreement, --max-dp);\nphotos: verification photos + phone-size copies; ms/img: decode + inference of one photo")
+    return "\n".join(lines)
