@@ -125,7 +125,7 @@ class Clinic:
                     data,
                     self.model.manifest.preprocessing,
                     max_pixels=self.imaging.max_pixels,
-                    mode=self.model.served.decode,  # type: ignore[arg-type]
+                    mode=self.model.served.decode,
                     blur_full_resolution=self.imaging.blur_full_resolution,
                 ),
             )

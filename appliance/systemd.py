@@ -138,7 +138,7 @@ class ServiceNotifications:
         model = self.app[MODEL].describe()
         demo = ", DEMO" if model["demo"] else ""
         degraded = ", DEGRADED" if model.get("degraded") else ""
-        line = (f"Ready: {model['name']} v{model['version']} ({model['artifact']}{demo}{degraded}) "
+        line = (f"Ready: {model['name']} v{model['version']} ({model['served_path']}{demo}{degraded}) "
                 f"on {model['runtime']}/{model['device']}")
         if self.url:
             line += f" at {self.url}"

@@ -36,6 +36,7 @@ SECTIONS: dict[str, Callable[[suite.Bench], Any]] = {
     "server_overhead": suite.server_overhead,
     "micro_batching": suite.micro_batching,
     "cold_start": suite.cold_start,
+    "decode_modes": suite.decode_modes,
     "profile": suite.profile,
 }
 NEEDED = {"fastapi": "bench", "uvicorn": "bench", "multipart": "bench", "matplotlib": "bench", "torch": "convert",

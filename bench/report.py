@@ -104,6 +104,19 @@ def ceilings(results: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _decode_section(decode: dict) -> str:
+    if not decode:
+        return ""
+    ms = decode["decode_ms"]
+    table = [[p["key"], "pass" if p["passed"] else "FAIL", _fmt(p["top1_agreement"], 4), _fmt(p["max_abs_dp"], 4),
+              p["ms_per_image"]] for p in decode["served_paths"]]
+    return (f"## Decode modes on the 12 MP photo ({decode['model']})\n\n"
+            f"`imaging.decode` alone, interleaved in one process: fast {ms['fast']} ms, exact {ms['exact']} ms "
+            f"(**{decode['exact_vs_fast']}x**). The model's served paths as convert measured them "
+            "(verification photos, decode + batch-1 inference on the converting machine):\n\n"
+            + _table(["served path", "result", "top-1", "max |dp|", "ms/img"], table))
+
+
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     """Write `report.md` and the plots into `out`; return the report's path."""
     plots = _plots(out, results)
@@ -132,6 +145,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     parts.append(_overhead_section(results.get("server_overhead", [])))
     parts.append(_batching_section(results.get("micro_batching", [])))
     parts.append(_cold_section(results.get("cold_start", {})))
+    parts.append(_decode_section(results.get("decode_modes", {})))
     parts.append(_profile_section(results.get("profile", [])))
     parts.append("## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     path = out / "report.md"

@@ -375,3 +375,27 @@ def profile(bench: Bench) -> list[dict[str, Any]]:
     finally:
         _finish(bench, server)
     return rows
+
+
+def decode_modes(bench: Bench) -> dict[str, Any]:
+    """What the exact decode costs against the fast one on the 12 MP photo, and what this model's served paths measured.
+
+    Timed in this process, fast and exact interleaved, so their ratio holds however busy the machine is.
+    """
+    from appliance import imaging
+    from appliance.inference.model import read_manifest
+
+    manifest = read_manifest(bench.model_dir)
+    data = bench.workloads["phone"].path.read_bytes()
+    times: dict[str, list[float]] = {mode: [] for mode in imaging.DECODE_MODES}
+    for _ in range(5 if bench.quick else 20):
+        for mode in imaging.DECODE_MODES:
+            start = time.perf_counter()
+            imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=mode)
+            times[mode].append(time.perf_counter() - start)
+    ms = {mode: round(1000 * statistics.median(t), 1) for mode, t in times.items()}
+    paths = [{"key": p.key, "passed": p.passed, "ms_per_image": p.ms_per_image,
+              "top1_agreement": p.figures.get("top1_agreement"), "max_abs_dp": p.figures.get("max_abs_dp")}
+             for p in manifest.served_paths]
+    return {"model": f"{manifest.name} v{manifest.version}", "decode_ms": ms,
+            "exact_vs_fast": round(ms["exact"] / ms["fast"], 2), "served_paths": paths}

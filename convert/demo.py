@@ -41,7 +41,7 @@ def make_demo_checkpoint(seed: int = DEMO_SEED) -> dict:
     torch.manual_seed(seed)
     model = torchvision.models.resnet50(weights=None, zero_init_residual=True)
     model.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(2048, len(FAMILIES)))
-    _reestimate_batchnorm(model, seed)
+    reestimate_batchnorm(model, seed)
     _fit_head(model, seed)
     return {"model_state_dict": model.state_dict(), "epoch": 0, "classes": list(FAMILIES)}
 
@@ -51,7 +51,7 @@ def _batches(tensors: np.ndarray):
         yield torch.from_numpy(np.ascontiguousarray(tensors[start : start + BATCH]))
 
 
-def _reestimate_batchnorm(model: nn.Module, seed: int) -> None:
+def reestimate_batchnorm(model: nn.Module, seed: int) -> None:
     images, _ = synthetic_lesions(BN_IMAGES, seed + 1, PHOTO_SIZE)
     tensors = preprocess(images)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -114,18 +114,18 @@ def reference_tensors(photos: list[Photo]) -> np.ndarray:
 class Decoded:
     """Every photo and golden image through one decode mode of the server."""
 
-    mode: str
+    mode: imaging.DecodeMode
     tensors: np.ndarray
     golden: np.ndarray
     ms_per_image: float
 
 
-def decode_all(photos: list[Photo], golden: list[bytes], spec: imaging.Preprocessing, mode: str) -> Decoded:
+def decode_all(photos: list[Photo], golden: list[bytes], spec: imaging.Preprocessing, mode: imaging.DecodeMode) -> Decoded:
     """Decode with the server's own `imaging.decode` in `mode`, timing each photo."""
     def run(items: list[bytes]) -> Iterator[tuple[np.ndarray, float]]:
         for data in items:
             start = time.perf_counter()
-            tensor = imaging.decode(data, spec, max_pixels=1 << 40, mode=mode).tensor  # type: ignore[arg-type]
+            tensor = imaging.decode(data, spec, max_pixels=1 << 40, mode=mode).tensor
             yield tensor, time.perf_counter() - start
 
     measured = list(run([p.data for p in photos]))

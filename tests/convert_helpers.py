@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from convert.synthetic import synthetic_photos
@@ -85,3 +86,39 @@ def assert_bars(manifest: dict) -> None:
         if artifact["precision"] == "int8":
             assert bar == {"top1_agreement": 0.99}
             assert artifact["selfcheck_max_abs_dp"] >= 0.05
+
+
+def make_sensitive_resnet50(seed: int = 1, classes: int = 7) -> nn.Module:
+    """A ResNet50 in the old back end's format whose answers move with small input changes.
+
+    torchvision's default init keeps every residual branch random (unlike the demo's
+    zero-initialised ones), BatchNorm statistics are re-estimated on lesion-like photos so
+    activations stay in range, and the head is scaled up so probabilities spread out:
+    a deep random backbone amplifies decode and quantization differences.
+    """
+    from convert.demo import reestimate_batchnorm
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(2048, classes))
+    reestimate_batchnorm(model, seed)
+    with torch.no_grad():
+        model.fc[1].weight.mul_(30.0)
+    return model.eval()
+
+
+def write_phone_photos(directory: Path, sizes: list[tuple[int, int]], *, seed: int = 21) -> list[Path]:
+    """Real JPEGs of lesion-like scenes at the given sizes (600x450 up to 12 MP), drawn small and
+    upscaled with sensor noise as a phone's photo of a small lesion looks."""
+    from convert.served import phone_size_copy
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, (w, h)) in enumerate(zip(synthetic_photos(len(sizes), seed, (400, 300)), sizes)):
+        if h > w:
+            image = image.transpose(Image.Transpose.ROTATE_90)
+        path = directory / f"IMG_{i:04d}.jpg"
+        data = phone_size_copy(image, seed + i, min(w, h))
+        path.write_bytes(data)
+        paths.append(path)
+    return paths

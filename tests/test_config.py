@@ -121,7 +121,7 @@ def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(good)],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("config OK: model tiny v1 (openvino-fp32, DEMO) from ")
+    assert run.stdout.startswith("config OK: model tiny v1 (openvino-fp32/fast, DEMO) from ")
     bad = tmp_path / "bad.toml"
     bad.write_text('[runtime.openvino]\ndevice = "gpu0"\n')
     run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(bad)],

@@ -14,7 +14,8 @@ from convert.errors import ConvertError
 from convert.images import preprocess_file
 from convert.runtimes import onnx_runner, openvino_runner
 
-from .convert_helpers import LABELS, assert_bars, assert_hashes, load_manifest, make_resnet18, write_checkpoint, write_photo_dir
+from .convert_helpers import (LABELS, assert_bars, assert_hashes, load_manifest, make_resnet18, sha256, write_checkpoint,
+                              write_phone_photos, write_photo_dir)
 
 FAST = ["--arch", "resnet18", "--labels", *LABELS, "--synthetic-images", "4"]
 
@@ -165,7 +166,8 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ["--name", "--out", "--version", "--calibration-dir", "--labels", "--arch", "--trust-checkpoint",
                    "--allow-degraded", "--fp16", "--holdout-fraction", "--max-calibration-images",
-                   "--calibration-methods", "--synthetic-images", "python -m convert demo"]:
+                   "--calibration-methods", "--synthetic-images", "--selection-fraction", "--min-agreement",
+                   "--max-dp", "--debug", "python -m convert demo"]:
         assert option in text
 
 
@@ -194,7 +196,13 @@ def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys,
     assert manifest["output"] == {"name": "probabilities", "shape": [-1, 3], "dtype": "float32"}
     assert manifest["source"]["form"] == "model_state_dict" and manifest["source"]["head"] == "fc.1"
     int8 = manifest["artifacts"]["onnx-int8"]
-    assert int8["calibration"]["images"] + int8["parity"]["images"] == 12
+    calibration = int8["calibration"]
+    assert calibration["images"] + calibration["selection_images"] + manifest["verification"]["photos"] == 11
+    assert manifest["format"] == 2
+    assert (version / "model.json.sha256").read_text() == f"{sha256(version / 'model.json')}  model.json\n"
+    for golden in manifest["golden"]:
+        assert golden["sha256"] == sha256(version / golden["file"])
+    assert set(manifest["served_paths"]) >= {f"{key}/{decode}" for key in manifest["artifacts"] for decode in ("fast", "exact")}
     assert int8["calibration"]["method"] == "MinMax" and int8["calibration"]["skipped_unreadable"] == 1
     assert isinstance(int8["kept_float_nodes"], list)
     assert_hashes(version, manifest)
@@ -239,3 +247,74 @@ def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
         assert got.shape == (len(golden), 3)
     with Image.open(version / golden[0]["file"]) as image:
         assert image.getexif().get(0x0112) is None
+
+
+# --- any clinic's photos: any count, sizes and formats; every calibration method --------
+
+
+MIXED = [(600, 450), (4032, 3024), (1024, 768), (3024, 4032), (1600, 1200)]
+
+
+def write_mixed_photos(directory, count):
+    """`count` photos from 600x450 to 12 MP, as JPEG, PNG, WebP and BMP (which the server does not accept)."""
+    paths = write_phone_photos(directory, [MIXED[i % len(MIXED)] for i in range(count)])
+    formats = ["JPEG", "PNG", "WEBP", "JPEG", "BMP"]
+    for i, path in enumerate(paths):
+        if formats[i % len(formats)] != "JPEG":
+            with Image.open(path) as image:
+                image.load()
+            path.unlink()
+            image.save(path.with_suffix("." + formats[i % len(formats)].lower()), formats[i % len(formats)])
+    return directory
+
+
+@pytest.mark.parametrize("method", ["MinMax", "Entropy", "Percentile"])
+def test_every_calibration_method_runs_on_a_ragged_mixed_set(tmp_path, method):
+    from convert.checkpoint import load_checkpoint
+    from convert.export import export_onnx
+    from convert.images import load_image_dir
+    from convert.quantize import CALIBRATION_BATCH, Quantizer
+
+    photos = load_image_dir(write_mixed_photos(tmp_path / "photos", 11))
+    assert len(photos.tensors) % CALIBRATION_BATCH != 0
+    assert photos.servable == [True, True, True, True, False] * 2 + [True]
+    loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
+    export_onnx(loaded, tmp_path / "model.onnx")
+    int8 = Quantizer(tmp_path / "model.onnx", tmp_path, photos.tensors).quantize(method, [])
+    probs = onnx_runner(int8)(photos.tensors)
+    assert probs.shape == (11, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_one_photo_converts_and_says_what_it_verified_on(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    photos = write_mixed_photos(tmp_path / "photos", 1)
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--calibration-dir", photos,
+                         "--calibration-methods", "MinMax", "--allow-degraded")
+    assert code == 0, err
+    manifest = load_manifest(tmp_path / "models" / "m" / "1")
+    assert manifest["verification"]["source"] == "synthetic"
+    warning = ("none of the 1 photo(s) could verify (the server accepts JPEG, PNG and WebP, and one photo is needed to "
+               "calibrate); served paths were measured on 4 synthetic photos")
+    assert manifest["verification"]["warnings"] == [warning]
+    assert f"WARNING: {warning}" in out
+    assert manifest["artifacts"]["onnx-int8"]["calibration"]["images"] == 1
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    import convert.golden
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("setting an array element with a sequence\nmore detail")
+
+    monkeypatch.setattr(convert.golden, "write_golden", broken)
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "convert: error: unexpected RuntimeError: setting an array element with a sequence; nothing was written. "
+        "Run again with --debug for the traceback and report it with the command line")
+    assert_nothing_written(tmp_path / "models")
+    with pytest.raises(RuntimeError, match="setting an array element"):
+        main([str(path), "--name", "m", "--out", str(tmp_path / "models"), *FAST, "--debug"])
+    assert_nothing_written(tmp_path / "models")

@@ -127,3 +127,68 @@ def test_input_shape_mismatch(model_copy: Path) -> None:
     rewrite_manifest(model_copy, lambda m: m["input"].update(shape=[-1, 3, 299, 299]))
     with pytest.raises(ModelError, match=r"input shape \[-1, 3, 299, 299\] does not match the 224x224 crop$"):
         read_manifest(model_copy)
+
+
+def to_format_2(version: Path, ms: dict[str, float]) -> None:
+    """Rewrite the tiny model's manifest as convert writes format 2: served paths, golden hashes, digest."""
+    import hashlib
+    import json
+
+    manifest = json.loads((version / "model.json").read_text())
+    manifest["format"] = 2
+    manifest["served_paths"] = {}
+    for key, artifact in manifest["artifacts"].items():
+        runtime = "openvino" if artifact["format"] == "openvino" else "onnxruntime"
+        for decode in ("fast", "exact"):
+            manifest["served_paths"][f"{key}/{decode}"] = {
+                "artifact": key, "runtime": runtime, "decode": decode, "inference_precision": "f32", "passed": True,
+                "ms_per_image": ms[f"{key}/{decode}"], "selfcheck_max_abs_dp": 1e-3,
+                "images": 5, "top1_agreement": 1.0, "max_abs_dp": 1e-5}
+    for golden in manifest["golden"]:
+        golden["sha256"] = hashlib.sha256((version / golden["file"]).read_bytes()).hexdigest()
+    text = json.dumps(manifest).encode()
+    (version / "model.json").write_bytes(text)
+    (version / "model.json.sha256").write_text(hashlib.sha256(text).hexdigest() + "  model.json\n")
+
+
+TIMES = {"onnx-fp32/fast": 20.0, "onnx-fp32/exact": 10.0, "openvino-fp32/fast": 30.0, "openvino-fp32/exact": 40.0}
+
+
+def test_format_2_serves_the_fastest_measured_path(model_copy: Path) -> None:
+    to_format_2(model_copy, TIMES)
+    model = load(model_copy)
+    assert model.served.key == "onnx-fp32/exact"
+    assert model.describe()["decode"] == "exact" and model.describe()["served_path"] == "onnx-fp32/exact"
+    model.runtime.close()
+    model = load(model_copy, runtime="openvino")
+    assert model.served.key == "openvino-fp32/fast"
+    model.runtime.close()
+
+
+def test_a_changed_manifest_is_refused(model_copy: Path) -> None:
+    to_format_2(model_copy, TIMES)
+    text = (model_copy / "model.json").read_text()
+    (model_copy / "model.json").write_text(text.replace('"selfcheck_max_abs_dp": 0.001', '"selfcheck_max_abs_dp": 0.9'))
+    with pytest.raises(ModelError, match=r"model.json: sha256 [0-9a-f]{12}… does not match model.json.sha256's "
+                                         r"[0-9a-f]{12}…; the manifest was changed after convert wrote it: copy it again or reconvert$"):
+        load(model_copy)
+    (model_copy / "model.json.sha256").unlink()
+    with pytest.raises(ModelError, match=r"model.json.sha256: missing or empty; the model directory is incomplete: "
+                                         r"copy it again or reconvert$"):
+        load(model_copy)
+
+
+def test_a_changed_golden_image_is_refused(model_copy: Path) -> None:
+    to_format_2(model_copy, TIMES)
+    data = bytearray((model_copy / "golden/0.jpg").read_bytes())
+    data[200] ^= 0x01
+    (model_copy / "golden/0.jpg").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"golden/0.jpg: sha256 [0-9a-f]{12}… does not match the manifest's [0-9a-f]{12}…$"):
+        load(model_copy)
+
+
+def test_an_unknown_format_is_refused(model_copy: Path) -> None:
+    rewrite_manifest(model_copy, lambda m: m.update(format=3))
+    with pytest.raises(ModelError, match=r"model.json: format 3 is not one this appliance reads \(1, 2\); "
+                                         r"upgrade the appliance or reconvert with its convert$"):
+        read_manifest(model_copy)

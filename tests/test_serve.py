@@ -115,7 +115,7 @@ def test_start_up_refuses_a_tampered_model(tmp_path: Path, model_copy: Path) -> 
     with running(config) as proc:
         assert proc.wait(60) == 1
     last = (tmp_path / "server.log").read_text().splitlines()[-1]
-    assert last.startswith("appliance: error: self-check failed for openvino-fp32 on golden/0.jpg: max |dp| ")
+    assert last.startswith("appliance: error: self-check failed for openvino-fp32/fast on golden/0.jpg: max |dp| ")
 
 
 def test_start_up_names_the_convert_command_for_a_checkpoint(tmp_path: Path) -> None:

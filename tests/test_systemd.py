@@ -79,7 +79,7 @@ def test_ready_comes_once_ready_answers_200_and_stopping_on_sigterm(
         lines = receive(sock)
         # Checked the instant READY=1 arrives, with no retry: /ready must already answer 200.
         assert ready_status(port) == 200
-        assert lines == ["READY=1", f"STATUS=Ready: tiny v1 (openvino-fp32, DEMO) on openvino/CPU at http://127.0.0.1:{port}"]
+        assert lines == ["READY=1", f"STATUS=Ready: tiny v1 (openvino-fp32/fast, DEMO) on openvino/CPU at http://127.0.0.1:{port}"]
         post_image(port, encode(photo()))
         proc.send_signal(signal.SIGTERM)
         assert receive(sock) == ["STOPPING=1", "STATUS=Stopping: draining requests, then closing the store"]
@@ -124,7 +124,7 @@ def test_no_ready_when_the_self_check_fails(tmp_path: Path, model_copy: Path,
             received += receive(sock)
     assert received == [f"STATUS=Starting: loading, warming up and self-checking the model from {model_copy}"]
     last = (tmp_path / "server.log").read_text().splitlines()[-1]
-    assert last.startswith("appliance: error: self-check failed for openvino-fp32 on golden/0.jpg")
+    assert last.startswith("appliance: error: self-check failed for openvino-fp32/fast on golden/0.jpg")
 
 
 def test_notifier_is_a_no_op_outside_systemd() -> None:

@@ -300,7 +300,7 @@ def self_check(model: LoadedModel, max_batch: int, *, blur_full_resolution: bool
     tensors = []
     for file, _ in manifest.golden:
         data = (manifest.directory / file).read_bytes()
-        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode,  # type: ignore[arg-type]
+        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode,
                                       blur_full_resolution=blur_full_resolution).tensor)
     answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
                               for i in range(0, len(tensors), max_batch)])

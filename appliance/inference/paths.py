@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelError
-from ..imaging import DECODE_MODES
+from ..imaging import DECODE_MODES, DecodeMode
 
 # The runtime a format's artifacts are measured (and served) on.
 RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -27,7 +27,7 @@ class ServedPath:
 
     artifact: str
     runtime: str
-    decode: str  # one of imaging.DECODE_MODES
+    decode: DecodeMode
     inference_precision: str  # the runtime's inference precision: "f32" or "bf16"
     passed: bool
     selfcheck_max_abs_dp: float
@@ -60,9 +60,9 @@ class ServedPath:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ServedPath:
         """Parse one `served_paths` table; KeyError/ValueError/TypeError on a bad one."""
-        decode = str(raw["decode"])
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
+        decode = next((mode for mode in DECODE_MODES if mode == raw["decode"]), None)
+        if decode is None:
+            raise ValueError(f"decode {raw['decode']!r} is not one of {', '.join(DECODE_MODES)}")
         ms = raw.get("ms_per_image")
         own = {"artifact", "runtime", "decode", "inference_precision", "passed", "ms_per_image", "selfcheck_max_abs_dp"}
         return cls(
@@ -81,10 +81,10 @@ def legacy_paths(artifacts: Iterable[Any], runtimes: Mapping[str, tuple[str, ...
     served paths existed; `auto` ranks them by precision. Reconverting measures them.
     """
     return [
-        ServedPath(a.key, runtime, decode, "f32", not a.degraded, a.selfcheck_max_abs_dp)
+        ServedPath(a.key, runtime, mode, "f32", not a.degraded, a.selfcheck_max_abs_dp)
         for a in artifacts
         for runtime, formats in runtimes.items() if a.format in formats
-        for decode in DECODE_MODES
+        for mode in DECODE_MODES
     ]
 
 

@@ -1,0 +1,97 @@
+"""The served answer is the clinic's model's answer, on a checkpoint nobody tuned the appliance to.
+
+A ResNet50 in the old back end's format whose answers move with small input changes,
+photos from 600x450 up to 12 MP in a count that is no multiple of any batch size:
+`python -m convert` with its default options, then `appliance serve` with the shipped
+config.toml, then every /check-image answer against PyTorch through the old back end's
+exact transform (PIL decode, Resize(256), CenterCrop(224), ToTensor, Normalize).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from convert.__main__ import HAM10000_LABELS, main
+
+from .convert_helpers import load_manifest, make_sensitive_resnet50, write_checkpoint, write_phone_photos
+from .test_serve import ROOT, free_port, post_image, running, wait_ready
+
+SIZES = [(600, 450), (1024, 768), (1600, 1200), (2592, 1944), (4032, 3024), (3024, 4032), (2016, 1512)]
+OLD_TRANSFORM = transforms.Compose([
+    transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+])
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, Path]:
+    """The sensitive checkpoint converted with default options from 19 mixed-size photos."""
+    root = tmp_path_factory.mktemp("fidelity")
+    model = make_sensitive_resnet50()
+    checkpoint = write_checkpoint(root / "ham10000_resnet50_tuned_best.pt", model, "model_state_dict")
+    photos = root / "clinic_photos"
+    write_phone_photos(photos, [SIZES[i % len(SIZES)] for i in range(19)])
+    code = main([str(checkpoint), "--name", "clinic", "--out", str(root / "models"), "--calibration-dir", str(photos)])
+    assert code == 0
+    return model, root / "models" / "clinic", root
+
+
+def old_backend_answer(model: torch.nn.Module, data: bytes) -> np.ndarray:
+    import io
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    with torch.no_grad():
+        return torch.softmax(model(OLD_TRANSFORM(image).unsqueeze(0)), 1)[0].numpy()
+
+
+def test_convert_records_every_served_path_and_its_verdict(clinic) -> None:
+    _, models, _ = clinic
+    manifest = load_manifest(models / "1")
+    paths = manifest["served_paths"]
+    for key, artifact in manifest["artifacts"].items():
+        assert {f"{key}/fast", f"{key}/exact"} <= set(paths)
+    for key, p in paths.items():
+        per_class_ok = all(c["top1_agreement"] >= 0.99 and c["max_abs_dp"] <= 0.05 for c in p["per_class"].values())
+        meets = p["top1_agreement"] >= 0.99 and p["max_abs_dp"] <= 0.05 and per_class_ok and p["golden_top1_agreement"] == 1
+        assert p["passed"] == meets, key
+        assert p["ms_per_image"] > 0
+    # The exact decode of an FP32 artifact is the reference: it always passes.
+    assert paths["onnx-fp32/exact"]["passed"] and paths["openvino-fp32/exact"]["passed"]
+    assert manifest["verification"]["photos"] == 6  # 30% of 19
+    assert manifest["verification"]["warnings"] == [
+        "only 6 verification photo(s), fewer than 30: one disagreement moves top-1 by 17%; add photos to --calibration-dir"]
+
+
+def test_served_answers_agree_with_pytorch_on_phone_photos(clinic, tmp_path: Path) -> None:
+    model, models, _ = clinic
+    port = free_port()
+    environ = {"MODEL_PATH": str(models), "STORAGE_ROOT": str(tmp_path / "data"), "BACKSERVER_PORT": str(port)}
+    config = ROOT / "config.toml"  # the shipped default config, as a new user runs it
+    (tmp_path / "config.toml").write_text(config.read_text())
+    photos = write_phone_photos(tmp_path / "new_photos", [SIZES[i % len(SIZES)] for i in range(12)], seed=77)
+    with running(tmp_path / "config.toml", **environ) as proc:
+        wait_ready(proc, port, timeout_s=120)
+        info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info").read())
+        served = info["served_path"]
+        assert served["passed"] and served["why"].startswith("fastest of ")
+        flips, worst = 0, 0.0
+        for path in photos:
+            data = path.read_bytes()
+            answer = post_image(port, data)
+            assert answer["model"]["served_path"] == served["key"]
+            got = {p["label"]: p["confidence"] for p in answer["predictions"]}
+            expected = old_backend_answer(model, data)
+            got_vector = np.array([got[label] for label in HAM10000_LABELS])
+            flips += int(np.argmax(got_vector) != np.argmax(expected))
+            worst = max(worst, float(np.max(np.abs(got_vector - expected))))
+    assert flips / len(photos) <= 0.01, (flips, served)
+    assert worst <= 0.05 + 1e-6, (worst, served)  # answers carry 6 decimals
+
