@@ -115,9 +115,12 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
         photos += [jpeg_bytes(image) for image in synthetic_photos(HELDOUT_IMAGES, DEMO_SEED + 4, PHOTO_SIZE)]
         images = image_set(photos, "synthetic")
         # MinMax only: the histogram methods add minutes on 2 cores and, measured on this
-        # model, none meets the bar without keeping the stem in float anyway.
+        # model, none meets the bar without keeping the stem in float anyway. Its INT8
+        # flips 1-4% of photos (near-ties even bf16 flips), short of the per-class bar:
+        # kept, marked degraded, for benchmarks and for naming it in model.artifact; the
+        # server's `auto` serves the fastest path that passed.
         options = ConvertOptions(labels=list(FAMILIES), fp16=fp16, demo=True, heldout_count=HELDOUT_IMAGES,
-                                 selection_count=SELECTION_IMAGES, methods=("MinMax",))
+                                 selection_count=SELECTION_IMAGES, methods=("MinMax",), allow_degraded=True)
         source_extra = {"generated_by": "python -m convert demo", "seed": DEMO_SEED, "kept": False}
         return convert(loaded, out=Path(out), name=name, version=version, calibration=images, options=options, source_extra=source_extra)
 

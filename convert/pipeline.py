@@ -190,9 +190,8 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
     labels = options.labels
     reference_runner = torch_runner(model.module)
     photos = with_phone_size_copies(split.verification)
-    upscaled = sum(p.upscaled for p in photos)
-    say(f"verifying on {len(split.verification)} {split.source} photos"
-        + (f" and {upscaled} phone-size copies of them" if upscaled else ""))
+    copies = sum(p.is_copy for p in photos)
+    say(f"verifying on {len(split.verification)} {split.source} photos and {copies} copies of them at phone sizes")
     verification = reference_tensors(photos)
     reference = run_all(reference_runner, verification, desc="verifying: PyTorch FP32")
     artifacts: list[_Artifact] = []
@@ -293,7 +292,7 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
             for path, probs in zip(golden.files, golden.probabilities)
         ],
         served_paths={p.key: p.to_json() for p in paths},
-        verification={"photos": len(split.verification), "source": split.source, "phone_size_copies": upscaled,
+        verification={"photos": len(split.verification), "source": split.source, "copies": copies,
                       "min_photos": MIN_VERIFICATION_PHOTOS, "bar": options.bar.to_json(), "warnings": warnings},
     )
     table = format_paths(paths, options.bar, notes)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP32_BAR = {"max_abs_dp": 1e-4, "top1_agreement": 1.0}
+# An export check: a wrong graph moves probabilities by 1e-2 and more. A deep network with
+# random residual branches amplifies float32 reordering to 1.1e-4 on 12 MP photos, so 1e-3.
+FP32_BAR = {"max_abs_dp": 1e-3, "top1_agreement": 1.0}
 INT8_BAR = {"top1_agreement": 0.99}
 FP16_BAR = {"top1_agreement": 0.99}
 # bf16 is a serving option of the FP32 IR (runtime.openvino.inference_precision), held to the INT8 bar.

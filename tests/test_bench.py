@@ -64,7 +64,7 @@ def test_the_baseline_answers_like_the_old_back_end_on_the_same_weights(
 def test_a_section_runs_into_results_and_report(demo_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "cold_start", "--model", str(demo_model_dir),
+        [sys.executable, "-m", "bench", "--quick", "--only", "cold_start,decode_modes", "--model", str(demo_model_dir),
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -74,3 +74,8 @@ def test_a_section_runs_into_results_and_report(demo_model_dir: Path, tmp_path: 
     assert results["cold_start"]["imports_s"] > 0  # measured in other processes: no order to assert
     report = (out / "report.md").read_text()
     assert "## Cold start" in report and "cold start to ready ≤ 2 s with the compiled-model cache" in report
+    decode = results["decode_modes"]
+    assert decode["decode_ms"]["fast"] > 0 and decode["decode_ms"]["exact"] > 0
+    assert decode["exact_vs_fast"] == round(decode["decode_ms"]["exact"] / decode["decode_ms"]["fast"], 2)
+    assert {p["key"] for p in decode["served_paths"]} >= {"openvino-fp32/fast", "openvino-fp32/exact"}
+    assert "## Decode modes on the 12 MP photo (demo v1)" in report

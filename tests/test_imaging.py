@@ -389,6 +389,23 @@ def test_full_resolution_flag_matches_torchvision(photo_12mp: bytes) -> None:
     np.testing.assert_allclose(decoded.tensor, reference_of(photo_12mp), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_exact_mode_decodes_whole_and_matches_torchvision(photo_12mp: bytes, orientation: int) -> None:
+    data = photo_12mp
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        with Image.open(io.BytesIO(photo_12mp)) as image:
+            out = io.BytesIO()
+            image.save(out, "JPEG", quality=90, exif=exif.tobytes())
+        data = out.getvalue()
+    decoded = decode(data, SPEC, max_pixels=MAX_PIXELS, mode="exact")
+    assert decoded.reduction == 1
+    with Image.open(io.BytesIO(data)) as image:
+        expected = reference(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_allclose(decoded.tensor, expected, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the reduced fast path
 
 

@@ -7,7 +7,7 @@ import pytest
 from appliance.errors import ModelError
 from appliance.inference.paths import ServedPath, Wanted, choose_path
 
-FIGURES = {"images": 40, "upscaled": 0, "top1_agreement": 1.0, "max_abs_dp": 0.01, "median_abs_dp": 0.001,
+FIGURES = {"images": 40, "copies": 0, "top1_agreement": 1.0, "max_abs_dp": 0.01, "median_abs_dp": 0.001,
            "worst_class": "mel", "per_class": {}}
 
 
@@ -86,3 +86,14 @@ def test_json_round_trip_keeps_every_figure() -> None:
     assert original.to_json()["inference_precision"] == "bf16"
     with pytest.raises(ValueError, match="decode 'blurry' is not one of fast, exact"):
         ServedPath.from_json({**original.to_json(), "decode": "blurry"})
+
+
+def test_openvino_never_serves_a_path_measured_on_onnx_runtime() -> None:
+    onnx_only = [p for p in PATHS if p.runtime == "onnxruntime"]
+    with pytest.raises(ModelError) as caught:
+        choose_path(onnx_only, Wanted("openvino", "f32"), rank={}, source="m")
+    assert str(caught.value) == (
+        'm has no served path for runtime.backend = "openvino" (f32), model.artifact = "auto", imaging.decode = "auto"; '
+        'these passed: set runtime.backend = "onnxruntime" (onnx-fp32/fast); or runtime.backend = "onnxruntime" '
+        '(onnx-fp32/exact)'
+    )
