@@ -1,4 +1,4 @@
-"""The parity report: how each artifact's probabilities agree with PyTorch FP32."""
+"""Artifact parity: how each artifact's probabilities agree with PyTorch FP32 on the reference decode."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import numpy as np
 FP32_BAR = {"max_abs_dp": 1e-3, "top1_agreement": 1.0}
 INT8_BAR = {"top1_agreement": 0.99}
 FP16_BAR = {"top1_agreement": 0.99}
-# bf16 is a serving option of the FP32 IR (runtime.openvino.inference_precision), held to the INT8 bar.
-BF16_BAR = {"top1_agreement": 0.99}
 
 
 def bar_for(precision: str) -> dict:
     """The parity bar an artifact of this precision must meet."""
-    return dict({"fp32": FP32_BAR, "int8": INT8_BAR, "fp16": FP16_BAR, "bf16": BF16_BAR}[precision])
+    return dict({"fp32": FP32_BAR, "int8": INT8_BAR, "fp16": FP16_BAR}[precision])
 
 
 def top1_agreement(reference: np.ndarray, probs: np.ndarray) -> float:
@@ -64,20 +62,3 @@ def measure(reference: np.ndarray, probs: np.ndarray, labels: list[str], bar: di
     agreement = top1_agreement(reference, probs)
     passed = agreement >= bar.get("top1_agreement", 0.0) and max_dp <= bar.get("max_abs_dp", np.inf)
     return Parity(len(reference), max_dp, agreement, per_class, bar, bool(passed))
-
-
-def format_table(rows: list[tuple[str, Parity | None, str]]) -> str:
-    """The parity table printed at the end of a conversion: one row per artifact."""
-    header = f"{'artifact':<15} {'images':>6} {'max|dp|':>9} {'top-1':>7} {'worst class':>17}  result"
-    lines = [header, "-" * len(header)]
-    for name, parity, note in rows:
-        if parity is None:
-            lines.append(f"{name:<15} {'':>6} {'':>9} {'':>7} {'':>17}  {note}")
-            continue
-        worst = min(parity.per_class_agreement.items(), key=lambda kv: kv[1], default=("-", 1.0))
-        result = "pass" if parity.passed else "FAIL"
-        lines.append(
-            f"{name:<15} {parity.images:>6} {parity.max_abs_dp:>9.2e} {parity.top1_agreement:>7.2%} "
-            f"{worst[0] + ' ' + format(worst[1], '.0%'):>17}  {result}{'  ' + note if note else ''}"
-        )
-    return "\n".join(lines)
