@@ -1,3 +1,10 @@
 """Edge inference appliance for dermatology clinics."""
 
+import os
+
+# ONNX Runtime (1.32) writes a device id under ~/.cache/Microsoft and would report telemetry
+# unless this is set when it is imported; nothing here reports anything to anyone. Set
+# before any `import onnxruntime`, which every path into this package comes after.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

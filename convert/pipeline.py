@@ -34,6 +34,7 @@ from .verify import Parity, bar_for, measure, top1_agreement
 
 HOLDOUT_SEED = 0
 SYNTHETIC_SEED = 5_000
+FRAGILITY_SEED = 6_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -329,15 +330,28 @@ def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifa
                 break
         return agreement
 
+    def fragility() -> float:
+        # Input noise of sigma 0.005 in normalised units: about INT8's rounding of the input alone
+        # (a step of ~0.017 has a rounding noise of step / sqrt(12)).
+        tensors = np.concatenate([selection, calib])
+        noisy = (tensors + np.random.default_rng(FRAGILITY_SEED).normal(0, 0.005, tensors.shape)).astype(np.float32)
+        reference = np.concatenate([selection_reference, calib_reference])
+        return top1_agreement(reference, run_all(onnx_runner(root / "model.onnx"), noisy, desc="FP32 under input noise"))
+
     say(f"quantizing to INT8 on {len(calib)} calibration photos ({len(selection)} for selection, "
         f"{len(split.verification)} for verification)")
-    result = quantize_int8(root / "model.onnx", work, calib, evaluate, bar=bar, methods=options.methods, say=say)
+    result = quantize_int8(root / "model.onnx", work, calib, evaluate, bar=bar, methods=options.methods,
+                           fragility=fragility, say=say)
     if result.passed and result.kept_float_nodes:
         say(f"INT8 keeps {len(result.kept_float_nodes)} node(s) in float: {', '.join(result.kept_float_nodes[:8])}{' ...' if len(result.kept_float_nodes) > 8 else ''}")
     if not result.passed and not options.allow_degraded:
         most = max(len(a.kept_float_nodes) for a in result.attempts)
-        what = (f"INT8 reached at best {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%}), "
-                f"with every calibration method and with up to {most} node(s) kept in float")
+        what = f"INT8 reached at best {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%})"
+        if result.fp32_under_noise is not None and result.fp32_under_noise < bar:
+            what += (f": FP32 itself keeps its answer on only {result.fp32_under_noise:.2%} of them when the input "
+                     f"moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")
+        else:
+            what += f", with every calibration method and with up to {most} node(s) kept in float"
         shout(f"{what}; onnx-int8 and openvino-int8 are LEFT OUT (--allow-degraded keeps them, marked degraded)")
         return [f"onnx-int8 and openvino-int8 left out: {what}"]
     onnx_int8 = root / "model.int8.onnx"
@@ -350,6 +364,7 @@ def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifa
             "method": result.method,
             "skipped_unreadable": calibration.skipped if calibration is not None else 0,
             "tried": [a.to_json() for a in result.attempts],
+            "fp32_under_noise": result.fp32_under_noise,
         },
     }
     runner = onnx_runner(onnx_int8)

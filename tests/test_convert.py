@@ -197,7 +197,7 @@ def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys,
     assert manifest["source"]["form"] == "model_state_dict" and manifest["source"]["head"] == "fc.1"
     int8 = manifest["artifacts"]["onnx-int8"]
     calibration = int8["calibration"]
-    assert calibration["images"] + calibration["selection_images"] + manifest["verification"]["photos"] == 11
+    assert calibration["images"] + calibration["selection_images"] + manifest["verification"]["photos"] == 12
     assert manifest["format"] == 2
     assert (version / "model.json.sha256").read_text() == f"{sha256(version / 'model.json')}  model.json\n"
     for golden in manifest["golden"]:
@@ -318,3 +318,21 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypa
     with pytest.raises(RuntimeError, match="setting an array element"):
         main([str(path), "--name", "m", "--out", str(tmp_path / "models"), *FAST, "--debug"])
     assert_nothing_written(tmp_path / "models")
+
+
+def test_a_network_fragile_in_fp32_is_not_searched(tmp_path):
+    from convert.checkpoint import load_checkpoint
+    from convert.export import export_onnx
+    from convert.images import load_image_dir
+    from convert.quantize import quantize_int8
+
+    loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
+    export_onnx(loaded, tmp_path / "model.onnx")
+    photos = load_image_dir(write_photo_dir(tmp_path / "photos", 5))
+    said = []
+    result = quantize_int8(tmp_path / "model.onnx", tmp_path, photos.tensors, lambda path: 0.8, bar=0.99,
+                           methods=("MinMax",), fragility=lambda: 0.9, say=said.append)
+    assert (result.passed, result.agreement, result.fp32_under_noise) == (False, 0.8, 0.9)
+    assert [a.kept_float_nodes for a in result.attempts] == [[]]  # no float-node search
+    assert said[-1] == ("INT8 misses the 99% bar, and FP32 itself keeps its answer on only 90.00% of the photos under "
+                        "input noise smaller than INT8's rounding: no INT8 can meet the bar; not searching")

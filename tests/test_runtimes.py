@@ -119,3 +119,25 @@ def test_openvino_is_imported_without_its_telemetry(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "CPU" in done.stdout
     assert list(home.iterdir()) == []
+
+
+def test_onnxruntime_runs_without_its_telemetry(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # ONNX Runtime 1.32 writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime/deviceid at the first
+    # session unless ORT_DISABLE_TELEMETRY is set when it is imported; the package sets it.
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    code = ("from appliance.config import parse_config\n"
+            "from appliance.inference.runtimes import create_runtime\n"
+            "runtime = create_runtime('onnxruntime', parse_config({}).runtime.options['onnxruntime'])\n"
+            f"runtime.load({str(tiny_model_dir / 'model.onnx')!r})\n"
+            "print(runtime.describe()['runtime'])\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "onnxruntime"
+    assert list(home.iterdir()) == []
