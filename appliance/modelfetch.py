@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 MANIFEST = "model.json"
+MANIFEST_DIGEST = "model.json.sha256"  # beside the manifest from format 2 on (inference/model.py checks it)
 VERIFIED = "verified.json"
 
 
@@ -93,6 +94,12 @@ def _download(target: Any, url: str, cache: Path) -> Path:
         expected = _expected_files(manifest)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelFetchRefused(f"model.url: {url}/{prefix}{MANIFEST} is not a valid manifest ({e})") from None
+    digest_bytes = None
+    if manifest.get("format", 1) >= 2:
+        digest_bytes = target.get_sync(prefix + MANIFEST_DIGEST)
+        if digest_bytes.split()[:1] != [hashlib.sha256(manifest_bytes).hexdigest().encode()]:
+            raise ModelFetchRefused(f"model.url: {url}/{prefix}{MANIFEST} does not match {MANIFEST_DIGEST} beside it; "
+                                    f"refusing this model")
     current = _last_verified(cache)
     if current is not None and (current / MANIFEST).read_bytes() == manifest_bytes and _intact(current, expected):
         return current
@@ -110,6 +117,8 @@ def _download(target: Any, url: str, cache: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         (staging / MANIFEST).write_bytes(manifest_bytes)
+        if digest_bytes is not None:
+            (staging / MANIFEST_DIGEST).write_bytes(digest_bytes)
         _fsync_tree(staging)
         final = cache / str(version)
         if final.exists():
@@ -137,13 +146,13 @@ def _highest_version_prefix(target: Any, url: str) -> str:
 
 
 def _expected_files(manifest: dict[str, Any]) -> dict[str, str | None]:
-    """Every file the manifest names, with its sha256 where it gives one (artifacts do; golden images don't)."""
+    """Every file the manifest names, with its sha256 where it gives one (artifacts do; golden images from format 2 on)."""
     files: dict[str, str | None] = {}
     for artifact in manifest["artifacts"].values():
         for rel, digest in artifact.get("files", {artifact["file"]: artifact["sha256"]}).items():
             files[_safe(rel)] = str(digest)
     for golden in manifest.get("golden", []):
-        files.setdefault(_safe(golden["file"]), None)
+        files.setdefault(_safe(golden["file"]), golden.get("sha256"))
     return files
 
 

@@ -61,6 +61,24 @@ async def test_a_model_in_a_bucket_is_fetched_verified_and_served(
     assert (verified["version"], verified["url"]) == (1, bucket.url(MODEL_KEY))
 
 
+def test_a_format_2_model_arrives_with_its_manifest_digest(make_config: Callable[..., Config], s3: Server,
+                                                          tmp_path: Path, model_copy: Path) -> None:
+    from .test_model import TIMES, to_format_2
+
+    to_format_2(model_copy, TIMES)
+    bucket = Bucket(s3, "models-format2", tmp_path)
+    bucket.create()
+    publish(bucket, model_copy)
+    config = model_config(make_config, bucket, tmp_path)
+    path = model_source(config.model, config.bucket)
+    assert tree_hashes(path) == tree_hashes(model_copy)
+    assert (path / "model.json.sha256").is_file()
+    bucket.put(f"{MODEL_KEY}/1/model.json.sha256", b"0" * 64 + b"  model.json\n")
+    config = model_config(make_config, bucket, tmp_path / "fresh")
+    with pytest.raises(ModelError, match=r"model.json does not match model.json.sha256 beside it; refusing this model"):
+        model_source(config.model, config.bucket)
+
+
 def test_a_version_directory_url_works_too(make_config: Callable[..., Config], s3: Server, tmp_path: Path,
                                            tiny_model_dir: Path) -> None:
     bucket = Bucket(s3, "models-version", tmp_path)
