@@ -352,6 +352,8 @@ def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifa
                      f"moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")
         else:
             what += f", with every calibration method and with up to {most} node(s) kept in float"
+            if result.worst_nodes:
+                what += f"; the signal-to-noise ratio drops most at {', '.join(result.worst_nodes)}"
         shout(f"{what}; onnx-int8 and openvino-int8 are LEFT OUT (--allow-degraded keeps them, marked degraded)")
         return [f"onnx-int8 and openvino-int8 left out: {what}"]
     onnx_int8 = root / "model.int8.onnx"

@@ -96,6 +96,7 @@ class Int8Result:
     passed: bool
     attempts: list[Attempt] = field(default_factory=list)
     fp32_under_noise: float | None = None  # FP32's agreement with itself under sub-INT8 input noise, when probed
+    worst_nodes: list[str] = field(default_factory=list)  # where quantization error grows most, when searched
 
 
 class Quantizer:
@@ -113,6 +114,8 @@ class Quantizer:
         # round small probabilities to a handful of levels.
         self.always_float = [n.name for n in graph.node if n.op_type == "Softmax"]
         self._count = 0
+        # After sensitivity_ranking: the nodes adding the most quantization error, "name (Op, N dB)".
+        self.worst: list[str] = []
 
     def quantize(self, method: str, keep: list[str]) -> Path:
         """A QDQ model calibrated with `method`, with the `keep` nodes left in float."""
@@ -181,6 +184,8 @@ class Quantizer:
             drops.append((drop, order, node.name))
         drops.sort(key=lambda d: (-d[0], d[1]))
         ranked = [name for _, _, name in drops]
+        ops = {n.name: n.op_type for n in self.nodes}
+        self.worst = [f"{name} ({ops[name]}, {drop:.1f} dB)" for drop, _, name in drops[:3] if math.isfinite(drop)]
         # The first layer (it sees the raw image, whose quantization grid is coarse relative
         # to what the stem resolves) and the classifier are the classic sensitive pair; the
         # SQNR drop underrates the stem (on the demo ResNet50, keeping only the stem in float
@@ -234,12 +239,11 @@ def quantize_int8(
 
     method = max(plain, key=lambda a: a.agreement).method
     assert best is not None
-    if fragility is not None:
-        steady = fragility()
-        if steady < bar:
-            say(f"INT8 misses the {bar:.0%} bar, and FP32 itself keeps its answer on only {steady:.2%} of the photos "
-                f"under input noise smaller than INT8's rounding: no INT8 can meet the bar; not searching")
-            return Int8Result(best[1], best[0].method, [], best[0].agreement, False, attempts, steady)
+    steady = fragility() if fragility is not None else None
+    if steady is not None and steady < bar:
+        say(f"INT8 misses the {bar:.0%} bar, and FP32 itself keeps its answer on only {steady:.2%} of the photos "
+            f"under input noise smaller than INT8's rounding: no INT8 can meet the bar; not searching")
+        return Int8Result(best[1], best[0].method, [], best[0].agreement, False, attempts, steady)
     say(f"INT8 misses the {bar:.0%} bar with every calibration method; searching for nodes to keep in float ({method})")
     ranking = quantizer.sensitivity_ranking(quantizer.quantize(method, []))
     passes: dict[int, bool] = {0: False}
@@ -257,7 +261,8 @@ def quantize_int8(
     hi = min(k, len(ranking))
     if not check(hi):
         assert best is not None
-        return Int8Result(best[1], best[0].method, best[0].kept_float_nodes, best[0].agreement, False, attempts)
+        return Int8Result(best[1], best[0].method, best[0].kept_float_nodes, best[0].agreement, False, attempts,
+                          steady, quantizer.worst)
     lo = max(hi // 2, 0)
     while hi - lo > 1:
         mid = (lo + hi) // 2

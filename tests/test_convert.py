@@ -336,3 +336,22 @@ def test_a_network_fragile_in_fp32_is_not_searched(tmp_path):
     assert [a.kept_float_nodes for a in result.attempts] == [[]]  # no float-node search
     assert said[-1] == ("INT8 misses the 99% bar, and FP32 itself keeps its answer on only 90.00% of the photos under "
                         "input noise smaller than INT8's rounding: no INT8 can meet the bar; not searching")
+
+
+def test_a_failed_search_names_where_the_error_grows(tmp_path):
+    from convert.checkpoint import load_checkpoint
+    from convert.export import export_onnx
+    from convert.images import load_image_dir
+    from convert.quantize import quantize_int8
+
+    loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
+    export_onnx(loaded, tmp_path / "model.onnx")
+    photos = load_image_dir(write_photo_dir(tmp_path / "photos", 5))
+    result = quantize_int8(tmp_path / "model.onnx", tmp_path, photos.tensors, lambda path: 0.5, bar=0.99,
+                           methods=("MinMax",), fragility=lambda: 1.0, say=lambda message: None)
+    assert not result.passed and result.fp32_under_noise == 1.0
+    assert len(result.attempts) > 2  # searched, since FP32 itself is steady
+    assert 1 <= len(result.worst_nodes) <= 3
+    for described in result.worst_nodes:
+        name, _, rest = described.partition(" (")
+        assert name.startswith("/") and rest.split(",")[0] in ("Conv", "Gemm", "MatMul") and rest.endswith(" dB)")
