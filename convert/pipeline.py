@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from .runtimes import Runner, onnx_runner, openvino_runner, run_all, torch_runne
 from .served import MIN_VERIFICATION_PHOTOS, Bar, Candidate, Photo, format_paths, measure_paths, reference_tensors, with_phone_size_copies
 from .synthetic import synthetic_photos
 from .verify import Parity, bar_for, measure, top1_agreement
+
+if TYPE_CHECKING:  # quantize imports ONNX Runtime's quantization tools: only when INT8 is made
+    from .quantize import Int8Result
 
 HOLDOUT_SEED = 0
 SYNTHETIC_SEED = 5_000
@@ -344,18 +348,10 @@ def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifa
                            fragility=fragility, say=say)
     if result.passed and result.kept_float_nodes:
         say(f"INT8 keeps {len(result.kept_float_nodes)} node(s) in float: {', '.join(result.kept_float_nodes[:8])}{' ...' if len(result.kept_float_nodes) > 8 else ''}")
-    if not result.passed and not options.allow_degraded:
-        most = max(len(a.kept_float_nodes) for a in result.attempts)
-        what = f"INT8 reached at best {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%})"
-        if result.fp32_under_noise is not None and result.fp32_under_noise < bar:
-            what += (f": FP32 itself keeps its answer on only {result.fp32_under_noise:.2%} of them when the input "
-                     f"moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")
-        else:
-            what += f", with every calibration method and with up to {most} node(s) kept in float"
-            if result.worst_nodes:
-                what += f"; the signal-to-noise ratio drops most at {', '.join(result.worst_nodes)}"
-        shout(f"{what}; onnx-int8 and openvino-int8 are LEFT OUT (--allow-degraded keeps them, marked degraded)")
-        return [f"onnx-int8 and openvino-int8 left out: {what}"]
+    why = "" if result.passed else _int8_why(result, bar)
+    if why and not options.allow_degraded:
+        shout(f"{why}; onnx-int8 and openvino-int8 are LEFT OUT (--allow-degraded keeps them, marked degraded)")
+        return [f"onnx-int8 and openvino-int8 left out: {why}"]
     onnx_int8 = root / "model.int8.onnx"
     shutil.copyfile(result.path, onnx_int8)
     extra = {
@@ -375,6 +371,20 @@ def _int8(root: Path, work: Path, split: Split, reference_runner: Runner, artifa
     ov_int8 = convert_ir(onnx_int8, root / "openvino" / "int8" / "model.xml")
     runner = openvino_runner(ov_int8[0])
     artifacts.append(_Artifact("openvino-int8", "openvino", "int8", ov_int8, runner, verify("openvino-int8", runner, "int8"), extra))
-    if not result.passed:
-        shout(f"INT8 reached only {result.agreement:.2%} on the selection photos; kept as DEGRADED because of --allow-degraded")
+    if why:
+        shout(f"{why}; kept as DEGRADED because of --allow-degraded")
+        return [f"onnx-int8 and openvino-int8 kept degraded (--allow-degraded): {why}"]
     return []
+
+
+def _int8_why(result: Int8Result, bar: float) -> str:
+    """Why INT8 missed the bar, in a line: FP32's own fragility, or how far the search went and where it hurt."""
+    why = f"INT8 reached at best {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%})"
+    if result.fp32_under_noise is not None and result.fp32_under_noise < bar:
+        return (why + f": FP32 itself keeps its answer on only {result.fp32_under_noise:.2%} of them when the input "
+                f"moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")
+    most = max(len(a.kept_float_nodes) for a in result.attempts)
+    why += f", with every calibration method and with up to {most} node(s) kept in float"
+    if result.worst_nodes:
+        why += f"; the signal-to-noise ratio drops most at {', '.join(result.worst_nodes)}"
+    return why
