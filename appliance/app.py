@@ -142,7 +142,6 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
             wanted_path(config),
             config.runtime.selected,
             max_batch=config.inference.max_batch,
-            blur_full_resolution=config.imaging.blur_full_resolution,
         ),
     )
     app[MODEL] = model

@@ -17,11 +17,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from .errors import ConfigError
 from .inference.runtimes import RUNTIMES, runtime_config_class
 from .storage import BACKENDS
+
+if TYPE_CHECKING:  # served paths import imaging (OpenCV, PIL): not needed to read a config
+    from .inference.paths import Wanted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -464,8 +467,8 @@ def _set(raw: dict[str, Any], path: list[str], value: Any) -> None:
     table[path[-1]] = value
 
 
-def wanted_path(config: Config) -> Any:
-    """What the settings ask of the model directory: runtime, its precision, artifact, decode (an inference.paths.Wanted)."""
+def wanted_path(config: Config) -> Wanted:
+    """What the settings ask of the model directory: runtime, its precision, artifact, decode."""
     from .inference.paths import Wanted
 
     decode = "exact" if config.imaging.blur_full_resolution else config.imaging.decode  # it decodes whole anyway

@@ -25,11 +25,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ConfigError, ModelError
+from .inference.model import MANIFEST, MANIFEST_DIGEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "model.json"
-MANIFEST_DIGEST = "model.json.sha256"  # beside the manifest from format 2 on (inference/model.py checks it)
 VERIFIED = "verified.json"
 
 

@@ -7,13 +7,13 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from appliance.inference.model import MANIFEST, MANIFEST_DIGEST
+
 from .checkpoint import sha256_file
 from .images import CROP, INPUT_NAME, OUTPUT_NAME, preprocessing_table
 
 # 2: served_paths, verification, golden sha256 and model.json.sha256 (the appliance reads 1 and 2).
 FORMAT = 2
-MANIFEST = "model.json"
-MANIFEST_DIGEST = "model.json.sha256"
 
 
 def file_hashes(version_dir: Path, files: list[Path]) -> dict[str, str]:

@@ -266,7 +266,6 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
             selfcheck_max_abs_dp=min((p.selfcheck_max_abs_dp for p in mine if p.passed),
                                      default=max(p.selfcheck_max_abs_dp for p in mine)),
             parity=art.parity.to_json(),
-            latency_ms=min(p.ms_per_image or 0.0 for p in mine),
             **art.extra,
         )
         if not art.parity.passed:

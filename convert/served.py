@@ -3,8 +3,8 @@
 A served path is an artifact, a decode mode of the server's own `imaging.decode`
 and, on OpenVINO, an inference precision. Each one is measured on the verification
 photos as encoded files at the size they were taken and as copies at the sizes phones
-send, through the appliance's own runtime classes, and on
-the golden images the server self-checks with at every start.
+send, through the appliance's own runtime classes, and on the golden images the
+server self-checks with at every start.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from appliance import imaging
 from appliance.inference.paths import RUNTIME_OF_FORMAT, ServedPath
@@ -37,7 +37,7 @@ PHONE_SHORT_SIDE = 3024
 COPY_SHORT_SIDES = (1050, 2112, PHONE_SHORT_SIDE)
 MAX_COPIES = 48
 SENSOR_NOISE = 4.0  # Gaussian noise, in 8-bit levels, on the copies
-UPSCALE_SEED = 9_000
+COPY_SEED = 9_000
 # Self-check tolerance: what convert measured on the golden images plus this margin
 # (another CPU's kernels, above all INT8 and bf16 ones, round differently).
 SELFCHECK_MARGIN = {"fp32": 0.01, "fp16": 0.02, "int8": 0.05, "bf16": 0.05}
@@ -58,7 +58,7 @@ class Bar:
 
 @dataclass(frozen=True)
 class Photo:
-    """One encoded photo the server could receive, and what PyTorch answers for it."""
+    """One encoded photo the server could receive: one of the clinic's, or a copy of one at another size."""
 
     name: str
     data: bytes
@@ -101,18 +101,11 @@ def with_phone_size_copies(photos: list[Photo]) -> list[Photo]:
     copies = []
     for index, photo in enumerate(photos[: MAX_COPIES // len(COPY_SHORT_SIDES)]):
         with Image.open(io.BytesIO(photo.data)) as image:
-            oriented = imaging_oriented(image)
+            oriented = ImageOps.exif_transpose(image)  # as the server sees it; the copies carry no EXIF
             for short_side in COPY_SHORT_SIDES:
-                data = phone_size_copy(oriented, UPSCALE_SEED + index, short_side)
+                data = phone_size_copy(oriented, COPY_SEED + index, short_side)
                 copies.append(Photo(f"{photo.name} ({short_side} px)", data, short_side))
     return photos + copies
-
-
-def imaging_oriented(image: Image.Image) -> Image.Image:
-    """The image as the server sees it: EXIF orientation applied."""
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(image)
 
 
 def reference_tensors(photos: list[Photo]) -> np.ndarray:

@@ -170,8 +170,7 @@ async def _decode_images(request: web.Request, manifest: Manifest, images: list[
             loop.run_in_executor(
                 app[EXECUTORS].decode,
                 functools.partial(imaging.decode, data, manifest.preprocessing, max_pixels=max_pixels,
-                                  mode=app[MODEL].served.decode,
-                                  blur_full_resolution=app[CONFIG].imaging.blur_full_resolution),
+                                  mode=app[MODEL].served.decode),
             )
             for data in images
         ),

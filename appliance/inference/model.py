@@ -244,8 +244,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int,
-               blur_full_resolution: bool = False) -> LoadedModel:
+def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int) -> LoadedModel:
     """Resolve, verify, choose the served path, load, warm up and self-check; raise ModelError on any failure."""
     directory = resolve_model_dir(path)
     manifest = read_manifest(directory)
@@ -258,7 +257,7 @@ def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: in
     model = LoadedModel(manifest, artifact, runtime, choice)
     try:
         warm_up(model, max_batch)
-        model.selfcheck_max_abs_dp = self_check(model, max_batch, blur_full_resolution=blur_full_resolution)
+        model.selfcheck_max_abs_dp = self_check(model, max_batch)
     except BaseException:
         runtime.close()
         raise
@@ -286,7 +285,7 @@ def warm_up(model: LoadedModel, max_batch: int) -> None:
             )
 
 
-def self_check(model: LoadedModel, max_batch: int, *, blur_full_resolution: bool = False) -> float:
+def self_check(model: LoadedModel, max_batch: int) -> float:
     """Run the golden images through the served path (its decode mode, this runtime); return the worst |Δp|.
 
     Against PyTorch's answers, within the tolerance convert measured for this path
@@ -300,8 +299,7 @@ def self_check(model: LoadedModel, max_batch: int, *, blur_full_resolution: bool
     tensors = []
     for file, _ in manifest.golden:
         data = (manifest.directory / file).read_bytes()
-        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode,
-                                      blur_full_resolution=blur_full_resolution).tensor)
+        tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode).tensor)
     answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
                               for i in range(0, len(tensors), max_batch)])
     worst = 0.0

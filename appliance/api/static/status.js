@@ -37,7 +37,7 @@ function render(status) {
   set("model-version", model.version);
   set("model-artifact", model.artifact ? model.artifact + (model.precision ? " (" + model.precision + ")" : "") : null);
   const served = status.served_path || {};
-  set("served-path", served.key ? served.key + " (" + served.decode + " decode)" : null);
+  set("served-path", served.key);
   set("served-why", served.why);
   set("model-demo", model.demo ? "yes: not medical predictions" : "no");
   $("demo-banner").hidden = !model.demo;
