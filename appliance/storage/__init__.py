@@ -17,10 +17,11 @@ Shared rules live once: `files` (durable writes, path checks), `records`
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from ..importer import import_from_string
 
 BACKENDS: dict[str, str] = {
     "sqlite": "appliance.storage.sqlite:SQLiteStore",
@@ -120,8 +121,7 @@ class Store(Protocol):
 
 def open_store(backend: str, root: Path, **options: Any) -> Store:
     """Build the named back end on `root` and open it."""
-    module_name, _, attr = BACKENDS[backend].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    cls = import_from_string(BACKENDS[backend])
     store: Store = cls(root, **options)
     store.open()
     return store

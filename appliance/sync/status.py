@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..importer import import_from_string
 from ..storage import BACKENDS
 from .outbox import read_backlog_at
 
@@ -15,10 +16,7 @@ def disabled_status() -> dict[str, Any]:
 
 def offline_status(config: Any) -> dict[str, Any]:
     """The outbox's numbers read straight from its file (read-only; works while the server runs)."""
-    import importlib
-
-    module_name, _, attr = BACKENDS[config.storage.backend].partition(":")
-    store_class = getattr(importlib.import_module(module_name), attr)
+    store_class = import_from_string(BACKENDS[config.storage.backend])
     # Building a store does not open it: this only asks where its outbox lives.
     path = store_class(config.storage.root).outbox_path
     backlog = read_backlog_at(path)

@@ -8,11 +8,12 @@ is asked for.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
+
+from ...importer import import_from_string
 
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "appliance.inference.runtimes.onnxruntime:OnnxRuntime",
@@ -71,8 +72,8 @@ if TYPE_CHECKING:
 
 def runtime_class(name: str) -> RuntimeClass:
     """Import and return the back end class registered under `name`."""
-    module_name, _, attr = RUNTIMES[name].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    cls: RuntimeClass = import_from_string(RUNTIMES[name])
+    return cls
 
 
 def runtime_config_class(name: str) -> type:
