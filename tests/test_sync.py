@@ -34,7 +34,8 @@ from appliance.privacy import strip_metadata
 from appliance.storage import open_store
 from appliance.sync import keys
 from appliance.sync.commands import sync_command
-from appliance.sync.outbox import Outbox, connect, enqueue
+from appliance.storage.outbox import connect, enqueue
+from appliance.sync.outbox import Outbox
 from appliance.sync.targets import parse_url
 from appliance.sync.worker import backoff_delay
 

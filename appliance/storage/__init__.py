@@ -100,7 +100,7 @@ class Store(Protocol):
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None (sqlite: StoreError if a record has lost its file)."""
 
-    # The sync outbox (sync/outbox.py): built with `outbox=True`, every image, image
+    # The sync outbox (storage/outbox.py): built with `outbox=True`, every image, image
     # record and case record written also becomes a job in the SQLite file at
     # `outbox_path`, never later than its data; the worker reads the data back by name.
     outbox_path: Path
@@ -125,6 +125,11 @@ def open_store(backend: str, root: Path, **options: Any) -> Store:
     store: Store = cls(root, **options)
     store.open()
     return store
+
+
+def outbox_location(backend: str, root: Path) -> Path:
+    """Where the named back end on `root` keeps its sync outbox, without building or opening a store."""
+    return Path(import_from_string(BACKENDS[backend]).outbox_at(root))
 
 
 def open_configured_store(config: Any, *, outbox: bool | None = None) -> Store:

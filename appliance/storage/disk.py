@@ -5,7 +5,7 @@ Layout under the root::
     <user_id>/<image_id>.jpg|.png|.webp
     <user_id>/metadata.jsonl       one JSON record a line; case records carry entry_type
     <user_id>/case_counter.json    {"last_case_id": 10002}
-    outbox.db                      the sync outbox, only with sync on (sync/outbox.py)
+    outbox.db                      the sync outbox, only with sync on (storage/outbox.py)
 
 Crash safety: an image file lands (temp, fsync, rename, fsync dir) before its
 record line is appended and fsync'd, so the line is the commit point; at open
@@ -32,11 +32,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import StoreError
-from ..sync.outbox import connect as connect_outbox
-from ..sync.outbox import create_table as create_outbox_table
-from ..sync.outbox import enqueue as enqueue_job
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
+from .outbox import JobSpec, commit_jobs, open_outbox
 from .crypto import Sealer, envelope_bytes, is_sealed_record
 from .files import (
     IMAGE_SUFFIXES,
@@ -107,9 +105,9 @@ class DiskStore:
     ) -> None:
         self.root = Path(root)
         # Sync on: jobs go to OUTBOX beside the user folders, committed before the data they
-        # announce (sync/outbox.py), so a crash can leave a job without data but never the reverse.
+        # announce (storage/outbox.py), so a crash can leave a job without data but never the reverse.
         self.outbox_enabled = bool(outbox)
-        self.outbox_path = self.root / OUTBOX
+        self.outbox_path = self.outbox_at(self.root)
         self._outbox: sqlite3.Connection | None = None
         self.case_id_start = int(case_id_start)
         self.sealer = sealer or Sealer(None)  # encryption at rest, or pass-through
@@ -117,6 +115,11 @@ class DiskStore:
         self._lock_file: IO[bytes] | None = None
         # Kept up to date on every write so stats() never walks the tree.
         self._images = self._cases = self._image_bytes = 0
+
+    @staticmethod
+    def outbox_at(root: Path) -> Path:
+        """Where a store on `root` keeps its outbox: a database of its own beside the user folders."""
+        return Path(root) / OUTBOX
 
     # -- lifetime -----------------------------------------------------------
 
@@ -131,7 +134,7 @@ class DiskStore:
                 sweep_temp_files(self.root)
                 self._check_key()
                 if self.outbox_enabled:
-                    self._open_outbox()
+                    self._outbox = open_outbox(self.outbox_path)
                 self._images = self._cases = self._image_bytes = 0
                 for user_dir in self._user_dirs():
                     self._recover(user_dir)
@@ -156,32 +159,12 @@ class DiskStore:
             self._lock_file.close()
             self._lock_file = None
 
-    def _open_outbox(self) -> None:
-        try:
-            self._outbox = connect_outbox(self.outbox_path)
-            self._outbox.execute("BEGIN IMMEDIATE")
-            create_outbox_table(self._outbox)
-            self._outbox.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the sync outbox {self.outbox_path}: {e}") from e
+    def _enqueue(self, jobs: list[JobSpec]) -> None:
+        """Commit outbox jobs before the write they announce."""
+        if self._outbox is not None:
+            commit_jobs(self._outbox, self.outbox_path, jobs)
 
-    def _enqueue(self, jobs: list[tuple[str, str, str, int]]) -> None:
-        """Commit outbox jobs (kind, user, ref, size) before the write they announce."""
-        if self._outbox is None:
-            return
-        try:
-            self._outbox.execute("BEGIN IMMEDIATE")
-            try:
-                for job in jobs:
-                    enqueue_job(self._outbox, *job)
-            except BaseException:
-                self._outbox.execute("ROLLBACK")
-                raise
-            self._outbox.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreError(f"writing the sync outbox {self.outbox_path} failed: {e}") from e
-
-    def _case_jobs(self, user_id: str, rec: dict[str, Any]) -> list[tuple[str, str, str, int]]:
+    def _case_jobs(self, user_id: str, rec: dict[str, Any]) -> list[JobSpec]:
         """The case record's job and one per image record its take-over changes."""
         return [("case", user_id, rec["case_id"], len(R.dumps(rec)))] + [
             ("image_record", user_id, image_id, 0) for image_id in rec["image_ids"]

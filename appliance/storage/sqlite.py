@@ -32,9 +32,9 @@ from sqlite_utils import Database
 from ..errors import StoreError
 from . import StoredImage
 from . import records as R
-from ..sync.outbox import create_table as create_outbox_table
-from ..sync.outbox import enqueue as enqueue_job
 from .crypto import Sealer, envelope_bytes
+from .outbox import create_table as create_outbox_table
+from .outbox import enqueue as enqueue_job
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable, write_atomic
 
 DB_NAME = "appliance.db"
@@ -101,7 +101,7 @@ def _migration_1(db: Database) -> None:
 
 
 def _migration_2(db: Database) -> None:
-    """The sync outbox (sync/outbox.py), whose jobs commit in their record's transaction."""
+    """The sync outbox (storage/outbox.py), whose jobs commit in their record's transaction."""
     create_outbox_table(db.conn)
 
 
@@ -119,19 +119,24 @@ class SQLiteStore:
         self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
     ) -> None:
         self.root = Path(root)
-        # Sync on: every record write also commits its outbox job (sync/outbox.py), in this database.
+        # Sync on: every record write also commits its outbox job (storage/outbox.py), in this database.
         self.outbox_enabled = bool(outbox)
         self.case_id_start = int(case_id_start)
         # Encryption at rest: image files and the `record` column (storage/crypto.py).
         self.sealer = sealer or Sealer(None)
         self.db_path = self.root / DB_NAME
-        self.outbox_path = self.db_path
+        self.outbox_path = self.outbox_at(self.root)
         self.images_dir = self.root / IMAGES_DIR
         # One connection shared by every caller thread, so every use holds this lock.
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._db: Database | None = None
         self._lock_file: IO[bytes] | None = None
+
+    @staticmethod
+    def outbox_at(root: Path) -> Path:
+        """Where a store on `root` keeps its outbox: in its own database, so jobs commit with records."""
+        return Path(root) / DB_NAME
 
     # -- lifetime -----------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""The persistent sync outbox: one SQLite table of jobs, written by the stores, drained by the worker.
+"""The worker's side of the sync outbox: claim due jobs, mark them done or failed, count the backlog.
 
-A job names what to upload, never the bytes: (`kind`, `user_id`, `ref`) is an
+The table, its connection settings and `enqueue` belong to storage
+(storage/outbox.py), which writes every job; this module only drains. A job names what to upload, never the bytes: (`kind`, `user_id`, `ref`) is an
 image ("image": bytes and record), an image record changed by a case
 ("image_record") or a case record ("case"). The worker reads the current
 bytes and record through the Store at upload time, so one job per name is
@@ -20,64 +21,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-KINDS = ("image", "image_record", "case")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    ref TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 1,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    failed_at REAL,
-    UNIQUE (kind, user_id, ref)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
-"""
-
-
-def create_table(conn: sqlite3.Connection) -> None:
-    """Create the outbox table and its index if missing (inside the caller's transaction)."""
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
-def enqueue(conn: sqlite3.Connection, kind: str, user_id: str, ref: str, size_bytes: int = 0) -> None:
-    """Announce that (kind, user, ref) must be uploaded; within the caller's transaction."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown outbox job kind {kind!r}")
-    conn.execute(
-        "INSERT INTO outbox (kind, user_id, ref, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (kind, user_id, ref) DO UPDATE SET version = version + 1, size_bytes = excluded.size_bytes",
-        (kind, user_id, ref, int(size_bytes), time.time()),
-    )
-
-
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode with synchronous=FULL (a job committed is a job kept)."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
-    else:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            conn.close()
-            raise sqlite3.OperationalError(f"{path}: cannot use WAL mode (got {mode!r})")
-        conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
+from ..storage.outbox import connect, create_table
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..importer import import_from_string
-from ..storage import BACKENDS
+from ..storage import outbox_location
 from .outbox import read_backlog_at
 
 
@@ -16,8 +15,6 @@ def disabled_status() -> dict[str, Any]:
 
 def offline_status(config: Any) -> dict[str, Any]:
     """The outbox's numbers read straight from its file (read-only; works while the server runs)."""
-    store_class = import_from_string(BACKENDS[config.storage.backend])
-    # Building a store does not open it: this only asks where its outbox lives.
-    path = store_class(config.storage.root).outbox_path
+    path = outbox_location(config.storage.backend, config.storage.root)
     backlog = read_backlog_at(path)
     return {"enabled": config.sync.enabled, "url": config.sync.url, "outbox": str(path), **backlog.as_dict()}
