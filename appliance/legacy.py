@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import privacy
+from .cases import list_cases, log_case, raise_case_counter
 from .errors import ApplianceError, StoreError
 from .imaging import sniff
 from .services import SUFFIXES
@@ -185,13 +186,13 @@ def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: b
         if image_id not in images:
             report.problems.append(f"{path}: no image record in {METADATA}; not imported")
 
-    listed = store.list_cases(user_id, status=None, limit=2**62, include_uncertain=True, include_rejected=True)
+    listed = list_cases(store, user_id, status=None, limit=2**62, include_uncertain=True, include_rejected=True)
     known = {str(rec.get("case_id")) for rec in listed}
     for case_id, rec in cases.items():
         if case_id in known:
             report.case_records_present += 1
             continue
-        store.log_case(user_id, rec)
+        log_case(store, user_id, rec)
         report.case_records += 1
 
     _import_counter(user_dir / COUNTER, user_id, store, report)
@@ -199,7 +200,7 @@ def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: b
     # the imported records already use: the counter also moves past every one.
     used = [int(c) for c in [*cases, *(str(rec.get("case_id")) for rec, _ in images.values())] if c.isdigit()]
     if used:
-        store.raise_case_counter(user_id, max(used))
+        raise_case_counter(store, user_id, max(used))
 
 
 def _read_image(path: Path, sealer: Sealer, strip_metadata: bool, report: ImportReport) -> StoredImage | None:
@@ -236,7 +237,7 @@ def _import_counter(path: Path, user_id: str, store: Store, report: ImportReport
     except (ValueError, TypeError, KeyError) as e:
         report.problems.append(f"{path}:1: expected {{\"last_case_id\": <integer>}} ({e})")
         return
-    if store.raise_case_counter(user_id, last):
+    if raise_case_counter(store, user_id, last):
         report.counters += 1
     else:
         report.counters_present += 1

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import imaging, privacy
+from . import cases, imaging, privacy
 from .config import ImagingConfig
 from .errors import BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
@@ -197,14 +197,11 @@ class Clinic:
 
     async def _case_id_for(self, caller: Caller, case_id: str | None) -> str:
         """The client's case id, with the counter moved past it so it is never issued again; else the next id."""
-        if case_id is None:
-            return await self._in_store(self.store.next_case_id, caller.user_id)
-        await self._in_store(self.store.raise_case_counter, caller.user_id, int(case_id))
-        return case_id
+        return await self._in_store(cases.claim_case_id, self.store, caller.user_id, case_id)
 
     async def next_case_id(self, caller: Caller) -> str:
         """Allocate the caller's next case id."""
-        return await self._in_store(self.store.next_case_id, caller.user_id)
+        return await self._in_store(cases.next_case_id, self.store, caller.user_id)
 
     async def release_case_id(self, caller: Caller, case_id: Any) -> dict[str, Any]:
         """Give back the most recently issued id if nothing uses it."""
@@ -212,7 +209,7 @@ class Clinic:
             case_id = str(case_id)
         if not isinstance(case_id, str) or not is_case_id(case_id):
             raise BadRequest("Invalid case_id")
-        return await self._in_store(self.store.release_case_id, caller.user_id, case_id)
+        return await self._in_store(cases.release_case_id, self.store, caller.user_id, case_id)
 
     async def log_case(self, caller: Caller, entry_type: str, body: dict[str, Any]) -> dict[str, Any]:
         """Store a case, uncertain or reject record (replacing an earlier one of that case)."""
@@ -228,7 +225,7 @@ class Clinic:
             record["status"] = record.get("status") or "pending"
         record.update(entry_type=entry_type, user_id=caller.user_id, user_role=caller.role)
         await self._case_id_for(caller, record["case_id"])
-        return await self._in_store(self.store.log_case, caller.user_id, record)
+        return await self._in_store(cases.log_case, self.store, caller.user_id, record)
 
     async def update_case(self, caller: Caller, case_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Update the latest case/uncertain record of that id; an admin may name the user."""
@@ -242,7 +239,7 @@ class Clinic:
         if not fields:
             raise BadRequest("No fields to update")
         fields["updated_at"] = now_iso()
-        updated = await self._in_store(self.store.update_case, owner, case_id, fields)
+        updated = await self._in_store(cases.update_case, self.store, owner, case_id, fields)
         if updated is None:
             raise NotFound("Case not found")
         return updated
@@ -252,7 +249,8 @@ class Clinic:
     ) -> list[dict[str, Any]]:
         """The caller's case records (an admin's: everyone's), newest first."""
         return await self._in_store(
-            lambda: self.store.list_cases(
+            lambda: cases.list_cases(
+                self.store,
                 None if caller.is_admin else caller.user_id,
                 status=status or None,
                 limit=limit,

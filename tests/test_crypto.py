@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from appliance.cases import log_case, next_case_id
 from appliance.app import create_app
 from appliance.config import load_config
 from appliance.errors import ConfigError, StoreError
@@ -125,7 +126,7 @@ async def test_a_wrong_key_stops_start_up(
 def test_encryption_is_neither_turned_off_nor_on_under_existing_data(tmp_path: Path, backend: str) -> None:
     root = tmp_path / "data"
     store = open_store(backend, root, sealer=Sealer(KEY))
-    store.log_case("u1", {"case_id": "10000", "entry_type": "case", "created_at": "2025-01-01"})
+    log_case(store, "u1", {"case_id": "10000", "entry_type": "case", "created_at": "2025-01-01"})
     store.close()
     with pytest.raises(StoreError, match=f"^storage: {root} is encrypted \\({root / 'key_check.json'}\\) but "
                        "storage.encrypt \\(ENCRYPT_STORAGE\\) is off; turn it on and set the key$"):
@@ -133,7 +134,7 @@ def test_encryption_is_neither_turned_off_nor_on_under_existing_data(tmp_path: P
 
     plain_root = tmp_path / "plain"
     store = open_store(backend, plain_root)
-    store.log_case("u1", {"case_id": "10000", "entry_type": "case", "created_at": "2025-01-01"})
+    log_case(store, "u1", {"case_id": "10000", "entry_type": "case", "created_at": "2025-01-01"})
     store.close()
     where = plain_root / "u1" / "metadata.jsonl:1" if backend == "disk" else f"records in {plain_root / 'appliance.db'}"
     with pytest.raises(StoreError, match=f"^storage: {plain_root} holds unencrypted data \\({where}\\) and "
@@ -152,7 +153,7 @@ def test_disk_store_opens_the_old_servers_encrypted_tree(tmp_path: Path) -> None
     try:
         assert store.read_image("gp01", "img-a2") == jpegs["img-a2"]
         assert [r["image_id"] for r in store.list_images("gp01")] == ["img-a1", "img-a2"]
-        assert store.next_case_id("gp01") == "10002"
+        assert next_case_id(store, "gp01") == "10002"
     finally:
         store.close()
     assert (root / "key_check.json").exists()

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from PIL import Image
 
+from appliance.cases import list_cases, next_case_id
 from appliance.__main__ import main
 from appliance.errors import StoreError
 from appliance.legacy import import_legacy
@@ -90,7 +91,7 @@ def old_clinic(root: Path, key: bytes | None = None) -> dict[str, bytes]:
 def every_case(store: Store, user_id: str | None = None) -> list[tuple[str, str, str, str]]:
     return [
         (r["user_id"], r["case_id"], r["entry_type"], r["status"])
-        for r in store.list_cases(user_id, status=None, limit=100, include_uncertain=True, include_rejected=True)
+        for r in list_cases(store, user_id, status=None, limit=100, include_uncertain=True, include_rejected=True)
     ]
 
 
@@ -116,12 +117,12 @@ def test_an_old_clinic_imports_whole_and_only_once(tmp_path: Path, backend: str,
             ("gp01", "10001", "uncertain", "pending"),
             ("gp01", "10000", "case", "confirmed"),  # the later line of case 10000 won
         ]
-        [case] = store.list_cases("gp01", status="confirmed", limit=5, include_uncertain=False, include_rejected=False)
+        [case] = list_cases(store, "gp01", status="confirmed", limit=5, include_uncertain=False, include_rejected=False)
         assert case["image_ids"] == ["img-a1", "img-a2"] and case["notes"] == "biopsy"
         images = store.list_images("gp01")
         assert [r["image_id"] for r in images] == ["img-a1", "img-a2"]
         assert images[0]["blur_score"] == 812.5 and images[0]["case_status"] == "confirmed"
-        assert store.next_case_id("gp01") == "10002" and store.next_case_id("gp02") == "10001"
+        assert next_case_id(store, "gp01") == "10002" and next_case_id(store, "gp02") == "10001"
         before = (every_case(store), store.list_images("gp01"), store.list_images("gp02"), store.stats())
 
         again = import_legacy(source, store, sealer=sealer)
@@ -129,7 +130,7 @@ def test_an_old_clinic_imports_whole_and_only_once(tmp_path: Path, backend: str,
         assert (again.images, again.case_records, again.counters) == (0, 0, 0)
         assert (again.images_present, again.case_records_present, again.counters_present) == (3, 3, 2)
         assert (every_case(store), store.list_images("gp01"), store.list_images("gp02"), store.stats()) == before
-        assert store.next_case_id("gp01") == "10003"  # the counter was not wound back
+        assert next_case_id(store, "gp01") == "10003"  # the counter was not wound back
     finally:
         store.close()
 
@@ -234,6 +235,6 @@ def test_counter_moves_past_imported_case_ids_without_a_counter_file(tmp_path: P
     store = open_store("sqlite", tmp_path / "new")
     try:
         import_legacy(tmp_path / "old", store, sealer=Sealer(None))
-        assert store.next_case_id("user001") == "10008"
+        assert next_case_id(store, "user001") == "10008"
     finally:
         store.close()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from appliance.cases import list_cases, log_case, next_case_id, release_case_id, update_case
 from appliance.errors import StoreError
 from appliance.storage import BACKENDS, Store, StoredImage, open_store
 
@@ -117,70 +118,70 @@ def files_under(root: Path) -> list[str]:
 
 
 def test_first_case_id_is_case_id_start(store: Store) -> None:
-    assert store.next_case_id(USER) == "10000"
+    assert next_case_id(store, USER) == "10000"
 
 
 def test_case_ids_count_up(store: Store) -> None:
-    assert [store.next_case_id(USER) for _ in range(3)] == ["10000", "10001", "10002"]
+    assert [next_case_id(store, USER) for _ in range(3)] == ["10000", "10001", "10002"]
 
 
 def test_case_id_start_is_configurable(make_store: Factory) -> None:
-    assert make_store(case_id_start=500).next_case_id(USER) == "500"
+    assert next_case_id(make_store(case_id_start=500), USER) == "500"
 
 
 def test_case_id_counters_are_per_user(store: Store) -> None:
-    store.next_case_id(USER)
-    store.next_case_id(USER)
-    assert store.next_case_id(OTHER) == "10000"
-    assert store.next_case_id(USER) == "10002"
+    next_case_id(store, USER)
+    next_case_id(store, USER)
+    assert next_case_id(store, OTHER) == "10000"
+    assert next_case_id(store, USER) == "10002"
 
 
 def test_release_gives_back_the_last_id(store: Store) -> None:
-    store.next_case_id(USER)
-    assert store.next_case_id(USER) == "10001"
-    assert store.release_case_id(USER, "10001") == {"status": "ok", "case_id": "10001"}
-    assert store.next_case_id(USER) == "10001"
+    next_case_id(store, USER)
+    assert next_case_id(store, USER) == "10001"
+    assert release_case_id(store, USER, "10001") == {"status": "ok", "case_id": "10001"}
+    assert next_case_id(store, USER) == "10001"
 
 
 def test_release_of_an_older_id_is_a_counter_mismatch(store: Store) -> None:
-    store.next_case_id(USER)
-    store.next_case_id(USER)
-    assert store.release_case_id(USER, "10000") == {
+    next_case_id(store, USER)
+    next_case_id(store, USER)
+    assert release_case_id(store, USER, "10000") == {
         "status": "skipped", "reason": "counter_mismatch", "last_case_id": "10001"}
-    assert store.next_case_id(USER) == "10002"
+    assert next_case_id(store, USER) == "10002"
 
 
 def test_release_of_an_id_with_an_image_is_in_use(store: Store) -> None:
-    case_id = store.next_case_id(USER)
+    case_id = next_case_id(store, USER)
     save(store, "img-1", case_id)
-    assert store.release_case_id(USER, case_id) == {"status": "skipped", "reason": "case_in_use"}
-    assert store.next_case_id(USER) == "10001"
+    assert release_case_id(store, USER, case_id) == {"status": "skipped", "reason": "case_in_use"}
+    assert next_case_id(store, USER) == "10001"
 
 
 @pytest.mark.parametrize("entry_type", ["case", "uncertain", "reject"])
 def test_release_of_an_id_with_a_case_record_is_in_use(store: Store, entry_type: str) -> None:
-    case_id = store.next_case_id(USER)
-    store.log_case(USER, case_record(case_id, entry_type))
-    assert store.release_case_id(USER, case_id) == {"status": "skipped", "reason": "case_in_use"}
+    case_id = next_case_id(store, USER)
+    log_case(store, USER, case_record(case_id, entry_type))
+    assert release_case_id(store, USER, case_id) == {"status": "skipped", "reason": "case_in_use"}
 
 
 def test_release_ignores_other_users_records(store: Store) -> None:
-    case_id = store.next_case_id(USER)
+    case_id = next_case_id(store, USER)
     save(store, "img-1", case_id, user=OTHER)
-    assert store.release_case_id(USER, case_id)["status"] == "ok"
+    assert release_case_id(store, USER, case_id)["status"] == "ok"
 
 
 def test_release_without_a_counter_is_missing_counter(store: Store) -> None:
-    assert store.release_case_id(USER, "10000") == {"status": "skipped", "reason": "missing_counter"}
+    assert release_case_id(store, USER, "10000") == {"status": "skipped", "reason": "missing_counter"}
 
 
 def test_case_ids_and_releases_survive_reopen(store: Store, make_store: Factory) -> None:
     for _ in range(3):
-        store.next_case_id(USER)
-    store.release_case_id(USER, "10002")
+        next_case_id(store, USER)
+    release_case_id(store, USER, "10002")
     store = reopen(store, make_store)
-    assert store.next_case_id(USER) == "10002"
-    assert store.next_case_id(USER) == "10003"
+    assert next_case_id(store, USER) == "10002"
+    assert next_case_id(store, USER) == "10003"
 
 
 def test_concurrent_allocations_are_all_distinct(store: Store) -> None:
@@ -191,7 +192,7 @@ def test_concurrent_allocations_are_all_distinct(store: Store) -> None:
     def allocate() -> None:
         try:
             barrier.wait()
-            mine = [store.next_case_id(USER) for _ in range(25)]
+            mine = [next_case_id(store, USER) for _ in range(25)]
             results.extend(mine)
         except BaseException as e:  # surfaced below: a thread's exception would be lost
             errors.append(e)
@@ -255,21 +256,21 @@ def test_log_case_returns_the_stored_record_with_image_ids_and_unknown_keys(stor
     save(store, "img-x", "10001")
     save(store, "img-2", "10000")
     decisions = [{"image_id": "img-1", "decision": "keep"}]
-    stored = store.log_case(USER, case_record("10000", status="Confirmed", image_decisions=decisions))
+    stored = log_case(store, USER, case_record("10000", status="Confirmed", image_decisions=decisions))
     assert stored == case_record("10000", status="Confirmed", image_decisions=decisions, image_ids=["img-1", "img-2"])
-    assert store.list_cases(USER, status=None, limit=10, include_uncertain=True, include_rejected=True) == [stored]
+    assert list_cases(store, USER, status=None, limit=10, include_uncertain=True, include_rejected=True) == [stored]
 
 
 def test_log_case_upserts_by_user_and_case_id(store: Store) -> None:
-    store.log_case(USER, case_record("10000", status="pending"))
-    store.log_case(USER, case_record("10001"))
-    store.log_case(OTHER, case_record("10000", user_id=OTHER))
-    store.log_case(USER, case_record("10000", "uncertain"))
-    store.log_case(USER, case_record("10000", "reject", reason="blurry"))
-    mine = store.list_cases(USER, status=None, limit=10, include_uncertain=True, include_rejected=True)
+    log_case(store, USER, case_record("10000", status="pending"))
+    log_case(store, USER, case_record("10001"))
+    log_case(store, OTHER, case_record("10000", user_id=OTHER))
+    log_case(store, USER, case_record("10000", "uncertain"))
+    log_case(store, USER, case_record("10000", "reject", reason="blurry"))
+    mine = list_cases(store, USER, status=None, limit=10, include_uncertain=True, include_rejected=True)
     assert [(r["case_id"], r["entry_type"]) for r in mine] == [("10000", "reject"), ("10001", "case")]
     assert mine[0]["reason"] == "blurry"
-    theirs = store.list_cases(OTHER, status=None, limit=10, include_uncertain=True, include_rejected=True)
+    theirs = list_cases(store, OTHER, status=None, limit=10, include_uncertain=True, include_rejected=True)
     assert [(r["case_id"], r["entry_type"]) for r in theirs] == [("10000", "case")]
     assert store.stats()["cases"] == 3
 
@@ -277,7 +278,7 @@ def test_log_case_upserts_by_user_and_case_id(store: Store) -> None:
 def test_logged_case_fields_are_taken_over_by_its_images(store: Store) -> None:
     save(store, "img-1", "10000")
     save(store, "img-2", "10001")
-    store.log_case(USER, case_record("10000", status="Confirmed", gender="female", age="42", location="back",
+    log_case(store, USER, case_record("10000", status="Confirmed", gender="female", age="42", location="back",
                                      symptoms=["itch"], notes="follow up"))
     first, other = store.list_images(USER)
     assert first == image_record(
@@ -289,8 +290,8 @@ def test_logged_case_fields_are_taken_over_by_its_images(store: Store) -> None:
 
 def test_empty_case_fields_do_not_overwrite_image_fields(store: Store) -> None:
     save(store, "img-1", "10000")
-    store.log_case(USER, case_record("10000", gender="male", age="50", symptoms=["bleeding"], notes="n1"))
-    store.log_case(USER, case_record("10000", "uncertain", status="unsure", gender="", age=None, symptoms=[],
+    log_case(store, USER, case_record("10000", gender="male", age="50", symptoms=["bleeding"], notes="n1"))
+    log_case(store, USER, case_record("10000", "uncertain", status="unsure", gender="", age=None, symptoms=[],
                                      notes="n2", updated_at="2026-01-02T09:00:00+00:00"))
     (rec,) = store.list_images(USER)
     assert (rec["gender"], rec["age"], rec["symptoms"], rec["notes"]) == ("male", "50", ["bleeding"], "n2")
@@ -300,33 +301,33 @@ def test_empty_case_fields_do_not_overwrite_image_fields(store: Store) -> None:
 
 
 def test_case_id_is_stored_as_a_string(store: Store) -> None:
-    stored = store.log_case(USER, case_record(10000))  # type: ignore[arg-type]
+    stored = log_case(store, USER, case_record(10000))  # type: ignore[arg-type]
     assert stored["case_id"] == "10000"
 
 
 def test_log_case_needs_a_case_entry_type(store: Store) -> None:
     with pytest.raises(ValueError):
-        store.log_case(USER, case_record("10000", entry_type="image"))
+        log_case(store, USER, case_record("10000", entry_type="image"))
 
 
 def test_update_case_merges_persists_and_propagates(store: Store, make_store: Factory) -> None:
     save(store, "img-1", "10000")
-    store.log_case(USER, case_record("10000", status="pending", notes="first", extra_key=1))
+    log_case(store, USER, case_record("10000", status="pending", notes="first", extra_key=1))
     save(store, "img-2", "10000")
-    updated = store.update_case(USER, "10000", {"status": "Confirmed", "age": "61",
+    updated = update_case(store, USER, "10000", {"status": "Confirmed", "age": "61",
                                                 "updated_at": "2026-01-03T08:00:00+00:00"})
     assert updated == case_record("10000", status="Confirmed", notes="first", extra_key=1, age="61",
                                   updated_at="2026-01-03T08:00:00+00:00", image_ids=["img-1", "img-2"])
     store = reopen(store, make_store)
-    assert store.list_cases(USER, status=None, limit=5, include_uncertain=True, include_rejected=True) == [updated]
+    assert list_cases(store, USER, status=None, limit=5, include_uncertain=True, include_rejected=True) == [updated]
     for rec in store.list_images(USER):
         assert (rec["case_status"], rec["case_updated_at"], rec["age"], rec["notes"]) == (
             "Confirmed", "2026-01-03T08:00:00+00:00", "61", "first")
 
 
 def test_update_case_never_moves_a_record_to_another_case(store: Store) -> None:
-    store.log_case(USER, case_record("10000"))
-    updated = store.update_case(USER, "10000", {"case_id": "99999", "entry_type": "reject", "user_id": OTHER,
+    log_case(store, USER, case_record("10000"))
+    updated = update_case(store, USER, "10000", {"case_id": "99999", "entry_type": "reject", "user_id": OTHER,
                                                 "notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"})
     assert updated is not None
     assert (updated["case_id"], updated["entry_type"], updated["user_id"], updated["notes"]) == (
@@ -334,27 +335,27 @@ def test_update_case_never_moves_a_record_to_another_case(store: Store) -> None:
 
 
 def test_update_case_updates_an_uncertain_record(store: Store) -> None:
-    store.log_case(USER, case_record("10000", "uncertain"))
-    updated = store.update_case(USER, "10000", {"notes": "seen", "updated_at": "2026-01-03T08:00:00+00:00"})
+    log_case(store, USER, case_record("10000", "uncertain"))
+    updated = update_case(store, USER, "10000", {"notes": "seen", "updated_at": "2026-01-03T08:00:00+00:00"})
     assert updated is not None and updated["entry_type"] == "uncertain" and updated["notes"] == "seen"
 
 
 def test_update_case_never_updates_a_reject(store: Store) -> None:
-    store.log_case(USER, case_record("10000", "reject"))
-    assert store.update_case(USER, "10000", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
-    (rec,) = store.list_cases(USER, status=None, limit=5, include_uncertain=True, include_rejected=True)
+    log_case(store, USER, case_record("10000", "reject"))
+    assert update_case(store, USER, "10000", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
+    (rec,) = list_cases(store, USER, status=None, limit=5, include_uncertain=True, include_rejected=True)
     assert "notes" not in rec
 
 
 def test_update_case_of_an_unknown_case_is_none(store: Store) -> None:
-    store.log_case(OTHER, case_record("10000", user_id=OTHER))
-    assert store.update_case(USER, "10000", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
-    assert store.update_case(USER, "10001", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
+    log_case(store, OTHER, case_record("10000", user_id=OTHER))
+    assert update_case(store, USER, "10000", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
+    assert update_case(store, USER, "10001", {"notes": "x", "updated_at": "2026-01-03T08:00:00+00:00"}) is None
 
 
 def listed(store: Store, user: str | None = USER, **options: Any) -> list[tuple[str, str]]:
     defaults: dict[str, Any] = {"status": None, "limit": 100, "include_uncertain": True, "include_rejected": True}
-    records = store.list_cases(user, **{**defaults, **options})
+    records = list_cases(store, user, **{**defaults, **options})
     return [(r["case_id"], r["entry_type"]) for r in records]
 
 
@@ -362,11 +363,11 @@ def listed(store: Store, user: str | None = USER, **options: Any) -> list[tuple[
 def cases(store: Store) -> Store:
     """A store with images and case records of two users at distinct and equal times."""
     save(store, "img-1", "10000")
-    store.log_case(USER, case_record("10000", status="Confirmed", created_at="2026-01-01T09:00:00+00:00"))
-    store.log_case(USER, case_record("10001", "uncertain", created_at="2026-01-03T09:00:00+00:00"))
-    store.log_case(USER, case_record("10002", "reject", created_at="2026-01-02T09:00:00+00:00"))
-    store.log_case(USER, case_record("10003", status="pending", created_at="2026-01-02T09:00:00+00:00"))
-    store.log_case(OTHER, case_record("10000", user_id=OTHER, created_at="2026-01-04T09:00:00+00:00"))
+    log_case(store, USER, case_record("10000", status="Confirmed", created_at="2026-01-01T09:00:00+00:00"))
+    log_case(store, USER, case_record("10001", "uncertain", created_at="2026-01-03T09:00:00+00:00"))
+    log_case(store, USER, case_record("10002", "reject", created_at="2026-01-02T09:00:00+00:00"))
+    log_case(store, USER, case_record("10003", status="pending", created_at="2026-01-02T09:00:00+00:00"))
+    log_case(store, OTHER, case_record("10000", user_id=OTHER, created_at="2026-01-04T09:00:00+00:00"))
     return store
 
 
@@ -411,11 +412,11 @@ BAD_IDS = ["", "../etc", "a/b", "a.b", ".hidden", "x" * 129, "abc\n", "é", "a b
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_bad_user_ids_are_refused(store: Store, root: Path, bad: Any) -> None:
     with pytest.raises(ValueError):
-        store.next_case_id(bad)
+        next_case_id(store, bad)
     with pytest.raises(ValueError):
         save(store, "img-1", "10000", user=bad)
     with pytest.raises(ValueError):
-        store.log_case(bad, case_record("10000"))
+        log_case(store, bad, case_record("10000"))
     with pytest.raises(ValueError):
         store.read_image(bad, "img-1")
     with pytest.raises(ValueError):
@@ -466,7 +467,7 @@ def test_a_closed_store_refuses_calls(store: Store) -> None:
     store.close()
     store.close()
     with pytest.raises(StoreError):
-        store.next_case_id(USER)
+        next_case_id(store, USER)
 
 
 # -- stats ----------------------------------------------------------------------
@@ -478,9 +479,9 @@ def test_stats_count_records_and_image_bytes(store: Store, make_store: Factory, 
     png = image_bytes("PNG")
     save(store, "img-1", "10000")
     save(store, "img-2", "10000", data=png, suffix=".png")
-    store.log_case(USER, case_record("10000"))
-    store.log_case(USER, case_record("10000", "reject"))
-    store.log_case(OTHER, case_record("10000"))
+    log_case(store, USER, case_record("10000"))
+    log_case(store, USER, case_record("10000", "reject"))
+    log_case(store, OTHER, case_record("10000"))
     expected = {"images": 2, "cases": 2, "image_bytes": len(JPEG) + len(png)}
     assert {k: store.stats()[k] for k in expected} == expected
     store = reopen(store, make_store)
@@ -596,10 +597,10 @@ def metadata_lines(root: Path, user: str = USER) -> list[dict[str, Any]]:
 
 def test_disk_writes_the_old_servers_layout(disk_store: Store, root: Path) -> None:
     for _ in range(3):
-        disk_store.next_case_id(USER)
+        next_case_id(disk_store, USER)
     save(disk_store, "img-1", "10000")
     save(disk_store, "img-2", "10001", data=image_bytes("PNG"), suffix=".png")
-    disk_store.log_case(USER, case_record("10000"))
+    log_case(disk_store, USER, case_record("10000"))
     assert json.loads((root / USER / "case_counter.json").read_text()) == {"last_case_id": 10002}
     assert (root / USER / "img-1.jpg").read_bytes() == JPEG
     assert (root / USER / "img-2.png").read_bytes() == image_bytes("PNG")
@@ -611,7 +612,7 @@ def test_disk_writes_the_old_servers_layout(disk_store: Store, root: Path) -> No
 
 def test_disk_cuts_a_torn_last_line_and_removes_its_orphan_image(disk_store: Store, root: Path) -> None:
     save(disk_store, "img-1", "10000")
-    disk_store.log_case(USER, case_record("10000"))
+    log_case(disk_store, USER, case_record("10000"))
     disk_store.close()
     # What a crash mid-append leaves: the image file landed, its line half-written.
     (root / USER / "img-2.jpg").write_bytes(JPEG)
@@ -648,7 +649,7 @@ def test_disk_keeps_lines_it_cannot_read_and_their_images(root: Path) -> None:
     store = open_store("disk", root)
     try:
         assert (user_dir / "old-image.jpg").exists()
-        store.log_case(USER, case_record("10000"))
+        log_case(store, USER, case_record("10000"))
         assert (user_dir / "metadata.jsonl").read_bytes().splitlines()[0] == damaged
         assert store.list_images(USER) == []
         assert listed(store) == [("10000", "case")]
@@ -660,13 +661,13 @@ def test_disk_refuses_an_unreadable_counter(disk_store: Store, root: Path) -> No
     (root / USER).mkdir()
     (root / USER / "case_counter.json").write_text("{\"last")
     with pytest.raises(StoreError, match="case_counter.json"):
-        disk_store.next_case_id(USER)
+        next_case_id(disk_store, USER)
 
 
 def test_disk_reads_a_counter_written_by_the_old_server(disk_store: Store, root: Path) -> None:
     (root / USER).mkdir()
     (root / USER / "case_counter.json").write_text('{"last_case_id": 10041}')
-    assert disk_store.next_case_id(USER) == "10042"
+    assert next_case_id(disk_store, USER) == "10042"
 
 
 # -- the sqlite layout ----------------------------------------------------------
@@ -709,11 +710,11 @@ def test_sqlite_refuses_a_file_that_is_not_a_database(root: Path) -> None:
 
 
 def test_sqlite_migrations_run_once(sqlite_store: Store, root: Path) -> None:
-    sqlite_store.next_case_id(USER)
+    next_case_id(sqlite_store, USER)
     sqlite_store.close()
     store = open_store("sqlite", root)
     try:
-        assert store.next_case_id(USER) == "10001"
+        assert next_case_id(store, USER) == "10001"
     finally:
         store.close()
     with sqlite3.connect(root / "appliance.db") as conn:

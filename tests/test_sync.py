@@ -26,6 +26,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from PIL import ExifTags, Image
 
+from appliance.cases import list_cases
 from appliance.app import create_app
 from appliance.config import Config, parse_config
 from appliance.errors import ConfigError
@@ -142,7 +143,7 @@ def expected_objects(store: Any, user: str = "user001") -> dict[str, bytes]:
         fmt = {"jpeg": "jpeg", "png": "png", "webp": "webp"}[record["format"]]
         objects[f"clinic/{keys.image_key(BOX, record, fmt)}"] = strip_metadata(data, fmt)
         objects[f"clinic/{keys.image_record_key(BOX, record)}"] = json.dumps(record, sort_keys=True).encode()
-    for case in store.list_cases(user, status=None, limit=1000, include_uncertain=True, include_rejected=True):
+    for case in list_cases(store, user, status=None, limit=1000, include_uncertain=True, include_rejected=True):
         objects[f"clinic/{keys.case_key(BOX, user, case['case_id'])}"] = json.dumps(case, sort_keys=True).encode()
     return objects
 

@@ -11,17 +11,23 @@ raises ValueError. An open store holds an exclusive lock on its root, so a
 second store (or process) opening the same root gets a StoreError until the
 first is closed or its process dies.
 
-Shared rules live once: `files` (durable writes, path checks), `records`
-(what records contain, case take-over, ordering).
+Shared parts live once: `base` (open, lock, key check, atomic sections),
+`files` (durable writes, path checks), `records` (what records contain, case
+take-over), `outbox` (the sync jobs). The contract's rules over these
+primitives (case ids, upserts, listings) are appliance/cases.py.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..importer import import_from_string
+
+if TYPE_CHECKING:
+    from .base import Records
 
 BACKENDS: dict[str, str] = {
     "sqlite": "appliance.storage.sqlite:SQLiteStore",
@@ -46,10 +52,20 @@ class StoredImage:
 
 
 class Store(Protocol):
-    """What every storage back end offers; records are plain JSON-able dicts.
+    """What every storage back end offers: primitives the contract's rules (appliance/cases.py) build on.
 
-    Built as `cls(root: Path, *, case_id_start: int = 10000)`; thread-safe.
+    Built as `cls(root: Path, *, case_id_start=10000, sealer=None, outbox=False)`;
+    thread-safe. `storage.base.BaseStore` implements all but the back end's own I/O.
     """
+
+    name: str
+    root: Path
+    case_id_start: int
+
+    # The sync outbox (storage/outbox.py): built with `outbox=True`, every image, image
+    # record and case record written also becomes a job in the SQLite file at
+    # `outbox_path`, never later than its data; the worker reads the data back by name.
+    outbox_path: Path
 
     def open(self) -> None:
         """Create or migrate the store, and prove it writable; raise StoreError if not."""
@@ -57,53 +73,20 @@ class Store(Protocol):
     def close(self) -> None:
         """Flush and release everything; safe to call twice."""
 
-    def next_case_id(self, user_id: str) -> str:
-        """Allocate the user's next case id ("10000" first); never repeats, even across restarts."""
+    def writing(self, user_id: str, action: str) -> AbstractContextManager[Records]:
+        """An atomic section over one user's counter, records and outbox (durable when it ends)."""
 
-    def release_case_id(self, user_id: str, case_id: str) -> dict[str, Any]:
-        """Give back the most recently issued id when nothing uses it (contract answer body)."""
-
-    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
-        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
+    def reading(self, user_id: str | None, action: str) -> AbstractContextManager[Records]:
+        """A read-only section over one user's records, or (None) every user's case records."""
 
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
-        """Store the image and its record together, durably, or neither."""
-
-    def log_case(self, user_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Upsert a case/uncertain/reject record (by user and case_id); return it as stored."""
-
-    def update_case(self, user_id: str, case_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """Update the latest case/uncertain record of that id; None when there is none.
-
-        `case_id`, `entry_type`, `user_id` and `image_ids` in `fields` are ignored;
-        the record keeps its place in the listing order. Returns the stored record.
-        """
-
-    def list_cases(
-        self,
-        user_id: str | None,
-        *,
-        status: str | None,
-        limit: int,
-        include_uncertain: bool,
-        include_rejected: bool,
-    ) -> list[dict[str, Any]]:
-        """Case records newest first; user_id None means every user's (admin).
-
-        Ordered by `created_at` (ISO strings) descending, ties most recently
-        logged first; `status` matches case-insensitively; at most `limit`.
-        """
-
-    def list_images(self, user_id: str, case_id: str | None = None) -> list[dict[str, Any]]:
-        """Image records of a user (optionally of one case), oldest first."""
+        """Store the image and its record (and its outbox job) together, durably, or none of them."""
 
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None (sqlite: StoreError if a record has lost its file)."""
 
-    # The sync outbox (storage/outbox.py): built with `outbox=True`, every image, image
-    # record and case record written also becomes a job in the SQLite file at
-    # `outbox_path`, never later than its data; the worker reads the data back by name.
-    outbox_path: Path
+    def list_images(self, user_id: str, case_id: str | None = None) -> list[dict[str, Any]]:
+        """Image records of a user (optionally of one case), oldest first."""
 
     def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
         """One image's record as stored now, or None."""

@@ -25,30 +25,28 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import StoreError
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
-from .outbox import JobSpec, commit_jobs, open_outbox
+from .base import BaseStore, CaseRow, Row
 from .crypto import Sealer, envelope_bytes, is_sealed_record
 from .files import (
     IMAGE_SUFFIXES,
     append_durable,
     check_id,
     is_id,
-    lock_root,
     make_dir,
-    prepare_root,
     remove_durable,
     repair_tail,
     sweep_temp_files,
     write_atomic,
 )
+from .outbox import JobSpec, commit_jobs, open_outbox
 
 METADATA = "metadata.jsonl"
 COUNTER = "case_counter.json"
@@ -95,24 +93,16 @@ def _parse_line(raw: bytes) -> _Line:
     return _Line(rec, raw)
 
 
-class DiskStore:
+class DiskStore(BaseStore):
     """Per-user folders with metadata.jsonl and case_counter.json; see the module docstring."""
 
     name = "disk"
 
-    def __init__(
-        self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
-    ) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, **options: Any) -> None:
+        super().__init__(root, **options)
         # Sync on: jobs go to OUTBOX beside the user folders, committed before the data they
         # announce (storage/outbox.py), so a crash can leave a job without data but never the reverse.
-        self.outbox_enabled = bool(outbox)
-        self.outbox_path = self.outbox_at(self.root)
         self._outbox: sqlite3.Connection | None = None
-        self.case_id_start = int(case_id_start)
-        self.sealer = sealer or Sealer(None)  # encryption at rest, or pass-through
-        self._lock = threading.Lock()
-        self._lock_file: IO[bytes] | None = None
         # Kept up to date on every write so stats() never walks the tree.
         self._images = self._cases = self._image_bytes = 0
 
@@ -123,52 +113,27 @@ class DiskStore:
 
     # -- lifetime -----------------------------------------------------------
 
-    def open(self) -> None:
-        """Prove the root writable, then repair what a crash left: torn lines, orphan files, temp files."""
-        with self._lock:
-            if self._lock_file is not None:
-                return
-            prepare_root(self.root)
-            self._lock_file = lock_root(self.root)
-            try:
-                sweep_temp_files(self.root)
-                self._check_key()
-                if self.outbox_enabled:
-                    self._outbox = open_outbox(self.outbox_path)
-                self._images = self._cases = self._image_bytes = 0
-                for user_dir in self._user_dirs():
-                    self._recover(user_dir)
-            except OSError as e:
-                self._release()
-                raise StoreError(f"cannot open store {self.root}: {e}") from e
-            except BaseException:
-                self._release()
-                raise
+    def _open_root(self) -> None:
+        """Repair what a crash left (torn lines, orphan files, temp files) and count what is there."""
+        sweep_temp_files(self.root)
+        self._check_key()
+        if self.outbox_enabled:
+            self._outbox = open_outbox(self.outbox_path)
+        self._images = self._cases = self._image_bytes = 0
+        for user_dir in self._user_dirs():
+            self._recover(user_dir)
 
-    def close(self) -> None:
-        """Release the root's lock (every write was already fsync'd); safe twice."""
-        with self._lock:
-            self._release()
-
-    def _release(self) -> None:
+    def _close_root(self) -> None:
+        """Close the outbox (every write was already fsync'd)."""
         if self._outbox is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._outbox.close()
             self._outbox = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
 
     def _enqueue(self, jobs: list[JobSpec]) -> None:
         """Commit outbox jobs before the write they announce."""
-        if self._outbox is not None:
+        if self._outbox is not None and jobs:
             commit_jobs(self._outbox, self.outbox_path, jobs)
-
-    def _case_jobs(self, user_id: str, rec: dict[str, Any]) -> list[JobSpec]:
-        """The case record's job and one per image record its take-over changes."""
-        return [("case", user_id, rec["case_id"], len(R.dumps(rec)))] + [
-            ("image_record", user_id, image_id, 0) for image_id in rec["image_ids"]
-        ]
 
     def _user_dirs(self) -> list[Path]:
         # Anything whose name is not a valid user id (lost+found, the lock) is not ours.
@@ -192,15 +157,11 @@ class DiskStore:
     # -- plumbing -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _using(self, action: str) -> Iterator[None]:
-        """Hold the lock on an open store; turn I/O failures into StoreError."""
-        with self._lock:
-            if self._lock_file is None:
-                raise StoreError(f"store {self.root} is not open")
-            try:
-                yield
-            except OSError as e:
-                raise StoreError(f"{action} failed in {self.root}: {e}") from e
+    def _section(self, user_id: str | None, write: bool) -> Iterator[_Records]:
+        records = _Records(self, user_id)
+        yield records
+        if write:
+            records.commit()
 
     def _read(self, user_dir: Path) -> list[_Line]:
         """The user's metadata lines; a torn last line (no newline yet) is not a record."""
@@ -219,8 +180,7 @@ class DiskStore:
             return _Line(self.sealer.loads(raw, where), raw)
         return line
 
-    def _check_key(self) -> None:
-        """Refuse a wrong key, or plain and encrypted data mixed (storage/crypto.py)."""
+    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes] | None]:
         plain: str | None = None
         sealed: tuple[str, bytes] | None = None
         for user_dir in self._user_dirs():
@@ -241,7 +201,7 @@ class DiskStore:
                     sealed = (str(path), path.read_bytes())
             if plain is not None and sealed is not None:
                 break
-        self.sealer.check_root(self.root, plain_data=plain, sealed_sample=sealed)
+        return plain, sealed
 
     def _rewrite(self, user_dir: Path, lines: list[_Line]) -> None:
         write_atomic(user_dir / METADATA, b"".join(line.to_bytes(self.sealer) for line in lines))
@@ -260,45 +220,6 @@ class DiskStore:
 
     def _write_counter(self, user_dir: Path, last: int) -> None:
         write_atomic(user_dir / COUNTER, json.dumps({"last_case_id": last}).encode())
-
-    # -- case ids -----------------------------------------------------------
-
-    def next_case_id(self, user_id: str) -> str:
-        """Allocate the user's next case id ("10000" first); durable before it returns."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using("allocating a case id"):
-            make_dir(user_dir)
-            last = self._read_counter(user_dir)
-            # max(): a raised case_id_start takes effect; a lowered one never reissues ids.
-            issued = self.case_id_start if last is None else max(last + 1, self.case_id_start)
-            self._write_counter(user_dir, issued)
-        return str(issued)
-
-    def release_case_id(self, user_id: str, case_id: str) -> dict[str, Any]:
-        """Give back the most recently issued id when no record uses it (the contract's answer)."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using("releasing a case id"):
-            last = self._read_counter(user_dir)
-            if last is None:
-                return {"status": "skipped", "reason": "missing_counter"}
-            if int(case_id) != last:
-                return {"status": "skipped", "reason": "counter_mismatch", "last_case_id": str(last)}
-            forms = R.case_id_forms(case_id)
-            if any((line.is_image or line.is_case) and line.case_id_in(forms) for line in self._read(user_dir)):
-                return {"status": "skipped", "reason": "case_in_use"}
-            self._write_counter(user_dir, last - 1)
-        return {"status": "ok", "case_id": case_id}
-
-    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
-        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using("raising a case counter"):
-            last = self._read_counter(user_dir)
-            if last is not None and last >= at_least:
-                return False
-            make_dir(user_dir)
-            self._write_counter(user_dir, int(at_least))
-        return True
 
     # -- images -------------------------------------------------------------
 
@@ -336,14 +257,6 @@ class DiskStore:
         repair_tail(path)
         append_durable(path, line)
 
-    def list_images(self, user_id: str, case_id: str | None = None) -> list[dict[str, Any]]:
-        """Image records of a user (optionally of one case), oldest first."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using("listing images"):
-            lines = self._read(user_dir)
-        forms = None if case_id is None else (str(case_id),)
-        return [line.rec for line in lines if line.is_image and (forms is None or line.case_id_in(forms))]
-
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None if there is no such image file."""
         user_dir = self.root / check_id("user_id", user_id)
@@ -355,95 +268,6 @@ class DiskStore:
                     data = path.read_bytes()
                     return self.sealer.unseal(data, str(path)) if suffix == ".bin" else data
         return None
-
-    def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
-        """One image's record as stored now, or None."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using(f"reading image record {image_id}"):
-            lines = self._read(user_dir)
-        found = [line.rec for line in lines if line.is_image and line.rec.get("image_id") == image_id]
-        return found[-1] if found else None
-
-    def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
-        """The case/uncertain/reject record of that case id as stored now, or None."""
-        user_dir = self.root / check_id("user_id", user_id)
-        with self._using(f"reading case {case_id}"):
-            lines = self._read(user_dir)
-        found = [line.rec for line in lines if line.is_case and line.case_id_in((str(case_id),))]
-        return found[-1] if found else None
-
-    # -- case records -------------------------------------------------------
-
-    def log_case(self, user_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Upsert a case/uncertain/reject record by (user, case_id); image records take it over."""
-        user_dir = self.root / check_id("user_id", user_id)
-        rec = R.case_record(record)
-        forms = (rec["case_id"],)
-        with self._using(f"logging case {rec['case_id']}"):
-            make_dir(user_dir)
-            lines = self._read(user_dir)
-            kept = [line for line in lines if not (line.is_case and line.case_id_in(forms))]
-            rec["image_ids"] = self._take_over(kept, rec)
-            self._enqueue(self._case_jobs(user_id, rec))
-            self._rewrite(user_dir, [*kept, _Line(rec)])
-            self._cases += 1 - (len(lines) - len(kept))
-        return rec
-
-    def update_case(self, user_id: str, case_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge `fields` into the latest case/uncertain record of that id; None when there is none."""
-        user_dir = self.root / check_id("user_id", user_id)
-        forms = (str(case_id),)
-        with self._using(f"updating case {case_id}"):
-            lines = self._read(user_dir)
-            targets = [
-                line for line in lines
-                if line.is_case and line.rec["entry_type"] in R.UPDATABLE_ENTRY_TYPES and line.case_id_in(forms)
-            ]
-            if not targets:
-                return None
-            rec = R.merge_update(targets[-1].rec, fields)
-            rec["image_ids"] = self._take_over(lines, rec)
-            self._enqueue(self._case_jobs(user_id, rec))
-            # Rewritten in place: the record keeps its position in the listing order.
-            targets[-1].set(rec)
-            self._rewrite(user_dir, lines)
-        return rec
-
-    def _take_over(self, lines: list[_Line], case: dict[str, Any]) -> list[str]:
-        """Copy the case's status and patient fields into its image lines; return their ids."""
-        fields = R.takeover(case)
-        images = [line for line in lines if line.is_image and line.case_id_in((case["case_id"],))]
-        for line in images:
-            line.set({**line.rec, **fields})
-        return [line.rec["image_id"] for line in images if line.rec.get("image_id")]
-
-    def list_cases(
-        self,
-        user_id: str | None,
-        *,
-        status: str | None,
-        limit: int,
-        include_uncertain: bool,
-        include_rejected: bool,
-    ) -> list[dict[str, Any]]:
-        """Case records newest first (created_at, then latest written); user_id None: every user's.
-
-        Across users, records with equal `created_at` have no common write order here.
-        """
-        types = R.listed_entry_types(include_uncertain, include_rejected)
-        want = None if status is None else R.status_key(status)
-        with self._using("listing cases"):
-            dirs = self._user_dirs() if user_id is None else [self.root / check_id("user_id", user_id)]
-            found = []
-            for user_dir in dirs:
-                for pos, line in enumerate(self._read(user_dir)):
-                    rec = line.rec
-                    if line.is_case and rec["entry_type"] in types and (
-                        want is None or R.status_key(rec.get("status")) == want
-                    ):
-                        found.append((R.created_key(rec), pos, rec))
-        found.sort(key=lambda item: item[:2], reverse=True)
-        return [rec for _, _, rec in found[: max(int(limit), 0)]]
 
     # -- status -------------------------------------------------------------
 
@@ -457,3 +281,90 @@ class DiskStore:
                 "cases": self._cases,
                 "image_bytes": self._image_bytes,
             }
+
+
+class _Records:
+    """One user's metadata lines and counter, read on first use and written back at commit."""
+
+    def __init__(self, store: DiskStore, user_id: str | None) -> None:
+        self.store, self.user_id = store, user_id
+        self.user_dir = store.root / user_id if user_id is not None else store.root
+        self._lines: list[_Line] | None = None
+        self._counter: int | None = None
+        self._counter_read = False
+        self._lines_changed = self._counter_changed = False
+        self._jobs: list[JobSpec] = []
+        self._cases_delta = 0
+
+    @property
+    def lines(self) -> list[_Line]:
+        if self._lines is None:
+            self._lines = self.store._read(self.user_dir)
+        return self._lines
+
+    def counter(self) -> int | None:
+        if not self._counter_read:
+            self._counter, self._counter_read = self.store._read_counter(self.user_dir), True
+        return self._counter
+
+    def set_counter(self, last: int) -> None:
+        self._counter, self._counter_read, self._counter_changed = last, True, True
+
+    def images(self, case_id: str | None = None) -> list[Row]:
+        return [
+            Row(line, line.rec) for line in self.lines
+            if line.is_image and (case_id is None or line.case_id_in((case_id,)))
+        ]
+
+    def image(self, image_id: str) -> Row | None:
+        found = [Row(line, line.rec) for line in self.lines if line.is_image and line.rec.get("image_id") == image_id]
+        return found[-1] if found else None
+
+    def cases(self, case_id: str) -> list[Row]:
+        return [Row(line, line.rec) for line in self.lines if line.is_case and line.case_id_in((case_id,))]
+
+    def case_rows(self) -> list[CaseRow]:
+        dirs = self.store._user_dirs() if self.user_id is None else [self.user_dir]
+        # Across users, records with equal `created_at` have no common write order here.
+        return [
+            CaseRow((R.created_key(line.rec), pos), line.rec["entry_type"], R.status_key(line.rec.get("status")),
+                    _loader(line.rec))
+            for user_dir in dirs
+            for pos, line in enumerate(self.store._read(user_dir))
+            if line.is_case
+        ]
+
+    def put_image(self, row: Row) -> None:
+        row.key.set(row.record)
+        self._lines_changed = True
+
+    put_case = put_image  # a line is rewritten in place either way, keeping its position
+
+    def add_case(self, record: dict[str, Any]) -> None:
+        self.lines.append(_Line(record))
+        self._lines_changed, self._cases_delta = True, self._cases_delta + 1
+
+    def delete_case(self, row: Row) -> None:
+        self.lines.remove(row.key)
+        self._lines_changed, self._cases_delta = True, self._cases_delta - 1
+
+    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+        assert self.user_id is not None
+        self._jobs.append((kind, self.user_id, ref, size_bytes))
+
+    def commit(self) -> None:
+        """Write what changed: outbox jobs first (never later than their data), then counter and lines."""
+        self.store._enqueue(self._jobs)
+        if self._counter_changed or self._lines_changed:
+            make_dir(self.user_dir)
+        if self._counter_changed:
+            assert self._counter is not None
+            self.store._write_counter(self.user_dir, self._counter)
+        if self._lines_changed:
+            self.store._rewrite(self.user_dir, self.lines)
+            self.store._cases += self._cases_delta
+
+
+def _loader(rec: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """A record already read, as a CaseRow's loader."""
+    return lambda: rec

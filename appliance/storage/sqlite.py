@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlite_utils import Database
 
 from ..errors import StoreError
 from . import StoredImage
 from . import records as R
-from .crypto import Sealer, envelope_bytes
+from .base import BaseStore, CaseRow, Row
+from .crypto import envelope_bytes
+from .files import check_id, make_dir, remove_durable, write_atomic
 from .outbox import create_table as create_outbox_table
 from .outbox import enqueue as enqueue_job
-from .files import check_id, lock_root, make_dir, prepare_root, remove_durable, write_atomic
 
 DB_NAME = "appliance.db"
 IMAGES_DIR = "images"
@@ -110,77 +111,52 @@ MIGRATIONS: tuple[tuple[int, Callable[[Database], None]], ...] = ((1, _migration
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-class SQLiteStore:
+class SQLiteStore(BaseStore):
     """Records in `root/appliance.db`, images under `root/images/`; see the module docstring."""
 
     name = "sqlite"
 
-    def __init__(
-        self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
-    ) -> None:
-        self.root = Path(root)
-        # Sync on: every record write also commits its outbox job (storage/outbox.py), in this database.
-        self.outbox_enabled = bool(outbox)
-        self.case_id_start = int(case_id_start)
-        # Encryption at rest: image files and the `record` column (storage/crypto.py).
-        self.sealer = sealer or Sealer(None)
+    def __init__(self, root: Path, **options: Any) -> None:
+        super().__init__(root, **options)
         self.db_path = self.root / DB_NAME
-        self.outbox_path = self.outbox_at(self.root)
         self.images_dir = self.root / IMAGES_DIR
-        # One connection shared by every caller thread, so every use holds this lock.
-        self._lock = threading.Lock()
+        # One connection shared by every caller thread, used only under the base's lock.
         self._conn: sqlite3.Connection | None = None
         self._db: Database | None = None
-        self._lock_file: IO[bytes] | None = None
 
     @staticmethod
     def outbox_at(root: Path) -> Path:
         """Where a store on `root` keeps its outbox: in its own database, so jobs commit with records."""
         return Path(root) / DB_NAME
 
+    @property
+    def _label(self) -> str:
+        return str(self.db_path)
+
     # -- lifetime -----------------------------------------------------------
 
-    def open(self) -> None:
-        """Create or migrate the database, sweep a crashed save's leftovers, prove the root writable."""
-        with self._lock:
-            if self._conn is not None:
-                return
-            prepare_root(self.root)
-            self._lock_file = lock_root(self.root)
-            try:
-                make_dir(self.images_dir)
-                # isolation_level=None: transactions are opened explicitly with BEGIN IMMEDIATE.
-                conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-                self._conn = conn
-                self._db = Database(conn, execute_plugins=False)
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode != "wal":
-                    raise StoreError(f"{self.db_path}: cannot use WAL mode (got {mode!r})")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=5000")
-                self._migrate()
-                self._check_key()
-                self._sweep_pending()
-            except (OSError, sqlite3.Error) as e:
-                self._release()
-                raise StoreError(f"cannot open store {self.db_path}: {e}") from e
-            except BaseException:
-                self._release()
-                raise
+    def _open_root(self) -> None:
+        """Create or migrate the database, check the key, sweep a crashed save's leftovers."""
+        make_dir(self.images_dir)
+        # isolation_level=None: transactions are opened explicitly with BEGIN IMMEDIATE.
+        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._conn = conn
+        self._db = Database(conn, execute_plugins=False)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{self.db_path}: cannot use WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+        self._check_key()
+        self._sweep_pending()
 
-    def close(self) -> None:
-        """Close the database (checkpointing the WAL) and release the root's lock; safe twice."""
-        with self._lock:
-            self._release()
-
-    def _release(self) -> None:
+    def _close_root(self) -> None:
+        """Close the database (checkpointing the WAL)."""
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
         self._conn = self._db = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
 
     def _migrate(self) -> None:
         assert self._conn is not None and self._db is not None
@@ -198,16 +174,12 @@ class SQLiteStore:
                     migrate(self._db)
                     self._db.table("schema_migrations").insert({"version": version, "applied_at": _now()})
 
-    def _check_key(self) -> None:
-        """Refuse a wrong key, or plain and encrypted records mixed (storage/crypto.py)."""
+    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes] | None]:
         assert self._conn is not None
         row = self._conn.execute("SELECT record FROM images UNION ALL SELECT record FROM cases LIMIT 1").fetchone()
         blob = None if row is None else envelope_bytes(row[0])
-        self.sealer.check_root(
-            self.root,
-            plain_data=f"records in {self.db_path}" if row is not None and blob is None else None,
-            sealed_sample=None if blob is None else (f"a record in {self.db_path}", blob),
-        )
+        plain = f"records in {self.db_path}" if row is not None and blob is None else None
+        return plain, None if blob is None else (f"a record in {self.db_path}", blob)
 
     def _load(self, body: str) -> dict[str, Any]:
         """A record from its `record` column (decrypted when encrypted)."""
@@ -240,15 +212,13 @@ class SQLiteStore:
     # -- plumbing -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _using(self, action: str) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and the open connection; turn I/O and SQLite failures into StoreError."""
-        with self._lock:
-            if self._conn is None:
-                raise StoreError(f"store {self.root} is not open")
-            try:
-                yield self._conn
-            except (OSError, sqlite3.Error) as e:
-                raise StoreError(f"{action} failed in {self.root}: {e}") from e
+    def _section(self, user_id: str | None, write: bool) -> Iterator[_Records]:
+        assert self._conn is not None
+        if not write:
+            yield _Records(self, self._conn, user_id)
+            return
+        with self._transaction() as conn:
+            yield _Records(self, conn, user_id)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -270,58 +240,6 @@ class SQLiteStore:
         # Encrypted files are named .bin: their bytes are no longer a .jpg, .png or .webp.
         return self.images_dir / user_id / f"{image_id}{'.bin' if self.sealer.enabled else suffix}"
 
-    # -- case ids -----------------------------------------------------------
-
-    def next_case_id(self, user_id: str) -> str:
-        """Allocate the user's next case id ("10000" first); durable before it returns."""
-        check_id("user_id", user_id)
-        with self._using("allocating a case id"), self._transaction() as conn:
-            row = conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (user_id,)).fetchone()
-            # max(): a raised case_id_start takes effect; a lowered one never reissues ids.
-            issued = self.case_id_start if row is None else max(row[0] + 1, self.case_id_start)
-            self._set_counter(conn, user_id, issued)
-        return str(issued)
-
-    def release_case_id(self, user_id: str, case_id: str) -> dict[str, Any]:
-        """Give back the most recently issued id when no record uses it (the contract's answer)."""
-        check_id("user_id", user_id)
-        with self._using("releasing a case id"), self._transaction() as conn:
-            row = conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (user_id,)).fetchone()
-            if row is None:
-                return {"status": "skipped", "reason": "missing_counter"}
-            last = row[0]
-            if int(case_id) != last:
-                return {"status": "skipped", "reason": "counter_mismatch", "last_case_id": str(last)}
-            forms = R.case_id_forms(case_id)
-            marks = ",".join("?" * len(forms))
-            in_use = conn.execute(
-                f"SELECT 1 FROM images WHERE user_id = ? AND case_id IN ({marks})"
-                f" UNION ALL SELECT 1 FROM cases WHERE user_id = ? AND case_id IN ({marks}) LIMIT 1",
-                (user_id, *forms, user_id, *forms),
-            ).fetchone()
-            if in_use:
-                return {"status": "skipped", "reason": "case_in_use"}
-            self._set_counter(conn, user_id, last - 1)
-        return {"status": "ok", "case_id": case_id}
-
-    def _set_counter(self, conn: sqlite3.Connection, user_id: str, last: int) -> None:
-        conn.execute(
-            "INSERT INTO case_counters (user_id, last_case_id, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (user_id) DO UPDATE SET last_case_id = excluded.last_case_id,"
-            " updated_at = excluded.updated_at",
-            (user_id, last, _now()),
-        )
-
-    def raise_case_counter(self, user_id: str, at_least: int) -> bool:
-        """Make the user's last issued case id at least `at_least` (never lower); True if it changed."""
-        check_id("user_id", user_id)
-        with self._using("raising a case counter"), self._transaction() as conn:
-            row = conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (user_id,)).fetchone()
-            if row is not None and row[0] >= at_least:
-                return False
-            self._set_counter(conn, user_id, int(at_least))
-        return True
-
     # -- images -------------------------------------------------------------
 
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
@@ -330,7 +248,9 @@ class SQLiteStore:
         rec = R.image_record(image, record)
         body = self.sealer.dumps(rec)
         path = self._image_path(user_id, image.image_id, image.suffix)
-        with self._using(f"saving image {image.image_id}") as conn:
+        with self._using(f"saving image {image.image_id}"):
+            conn = self._conn
+            assert conn is not None
             if conn.execute(
                 "SELECT 1 FROM images WHERE user_id = ? AND image_id = ?", (user_id, image.image_id)
             ).fetchone():
@@ -368,23 +288,13 @@ class SQLiteStore:
             if self.outbox_enabled:
                 enqueue_job(conn, "image", user_id, image.image_id, len(image.data) + len(body))
 
-    def list_images(self, user_id: str, case_id: str | None = None) -> list[dict[str, Any]]:
-        """Image records of a user (optionally of one case), oldest first."""
-        check_id("user_id", user_id)
-        sql, params = "SELECT record FROM images WHERE user_id = ?", [user_id]
-        if case_id is not None:
-            sql += " AND case_id = ?"
-            params.append(str(case_id))
-        with self._using("listing images") as conn:
-            rows = conn.execute(sql + " ORDER BY seq", params).fetchall()
-        return [self._load(body) for (body,) in rows]
-
     def read_image(self, user_id: str, image_id: str) -> bytes | None:
         """The stored bytes of an image, or None if there is no such image record."""
         check_id("user_id", user_id)
         check_id("image_id", image_id)
-        with self._using(f"reading image {image_id}") as conn:
-            row = conn.execute(
+        with self._using(f"reading image {image_id}"):
+            assert self._conn is not None
+            row = self._conn.execute(
                 "SELECT suffix FROM images WHERE user_id = ? AND image_id = ?", (user_id, image_id)
             ).fetchone()
             if row is None:
@@ -393,123 +303,13 @@ class SQLiteStore:
             path = self._image_path(user_id, image_id, row[0])
             return self.sealer.unseal(path.read_bytes(), str(path))
 
-    # -- case records -------------------------------------------------------
-
-    def log_case(self, user_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Upsert a case/uncertain/reject record by (user, case_id); image records take it over."""
-        check_id("user_id", user_id)
-        rec = R.case_record(record)
-        with self._using(f"logging case {rec['case_id']}"), self._transaction() as conn:
-            conn.execute("DELETE FROM cases WHERE user_id = ? AND case_id = ?", (user_id, rec["case_id"]))
-            rec["image_ids"] = self._image_ids(conn, user_id, rec["case_id"])
-            conn.execute(
-                "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (user_id, rec["case_id"], rec["entry_type"], R.status_key(rec.get("status")),
-                 R.created_key(rec), self.sealer.dumps(rec)),
-            )
-            self._take_over(conn, user_id, rec)
-            self._enqueue_case(conn, user_id, rec)
-        return rec
-
-    def update_case(self, user_id: str, case_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge `fields` into the latest case/uncertain record of that id; None when there is none."""
-        check_id("user_id", user_id)
-        case_id = str(case_id)
-        with self._using(f"updating case {case_id}"), self._transaction() as conn:
-            marks = ",".join("?" * len(R.UPDATABLE_ENTRY_TYPES))
-            row = conn.execute(
-                f"SELECT seq, record FROM cases WHERE user_id = ? AND case_id = ? AND entry_type IN ({marks})"
-                " ORDER BY seq DESC LIMIT 1",
-                (user_id, case_id, *R.UPDATABLE_ENTRY_TYPES),
-            ).fetchone()
-            if row is None:
-                return None
-            rec = R.merge_update(self._load(row[1]), fields)
-            rec["image_ids"] = self._image_ids(conn, user_id, case_id)
-            # Updated in place: the record keeps its place (seq) in the listing order.
-            conn.execute(
-                "UPDATE cases SET status_key = ?, created_at = ?, record = ? WHERE seq = ?",
-                (R.status_key(rec.get("status")), R.created_key(rec), self.sealer.dumps(rec), row[0]),
-            )
-            self._take_over(conn, user_id, rec)
-            self._enqueue_case(conn, user_id, rec)
-        return rec
-
-    def _enqueue_case(self, conn: sqlite3.Connection, user_id: str, rec: dict[str, Any]) -> None:
-        """Outbox jobs for a case record and the image records its take-over changed."""
-        if self.outbox_enabled:
-            enqueue_job(conn, "case", user_id, rec["case_id"], len(R.dumps(rec)))
-            for image_id in rec["image_ids"]:
-                enqueue_job(conn, "image_record", user_id, image_id)
-
-    def image_record(self, user_id: str, image_id: str) -> dict[str, Any] | None:
-        """One image's record as stored now, or None."""
-        check_id("user_id", user_id)
-        with self._using(f"reading image record {image_id}") as conn:
-            row = conn.execute(
-                "SELECT record FROM images WHERE user_id = ? AND image_id = ?", (user_id, image_id)
-            ).fetchone()
-        return None if row is None else self._load(row[0])
-
-    def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
-        """The case/uncertain/reject record of that case id as stored now, or None."""
-        check_id("user_id", user_id)
-        with self._using(f"reading case {case_id}") as conn:
-            row = conn.execute(
-                "SELECT record FROM cases WHERE user_id = ? AND case_id = ? ORDER BY seq DESC LIMIT 1",
-                (user_id, str(case_id)),
-            ).fetchone()
-        return None if row is None else self._load(row[0])
-
-    def _image_ids(self, conn: sqlite3.Connection, user_id: str, case_id: str) -> list[str]:
-        rows = conn.execute(
-            "SELECT image_id FROM images WHERE user_id = ? AND case_id = ? ORDER BY seq", (user_id, case_id)
-        ).fetchall()
-        return [image_id for (image_id,) in rows]
-
-    def _take_over(self, conn: sqlite3.Connection, user_id: str, case: dict[str, Any]) -> None:
-        """Copy the case's status and non-empty patient fields into its image records."""
-        fields = R.takeover(case)
-        rows = conn.execute(
-            "SELECT seq, record FROM images WHERE user_id = ? AND case_id = ?", (user_id, case["case_id"])
-        ).fetchall()
-        for seq, body in rows:
-            image_rec = self._load(body)
-            image_rec.update(fields)
-            conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self.sealer.dumps(image_rec), seq))
-
-    def list_cases(
-        self,
-        user_id: str | None,
-        *,
-        status: str | None,
-        limit: int,
-        include_uncertain: bool,
-        include_rejected: bool,
-    ) -> list[dict[str, Any]]:
-        """Case records newest first (created_at, then latest written); user_id None: every user's."""
-        types = R.listed_entry_types(include_uncertain, include_rejected)
-        sql = f"SELECT record FROM cases WHERE entry_type IN ({','.join('?' * len(types))})"
-        params: list[Any] = list(types)
-        if user_id is not None:
-            check_id("user_id", user_id)
-            sql += " AND user_id = ?"
-            params.append(user_id)
-        if status is not None:
-            sql += " AND status_key = ?"
-            params.append(R.status_key(status))
-        sql += " ORDER BY created_at DESC, seq DESC LIMIT ?"
-        params.append(max(int(limit), 0))
-        with self._using("listing cases") as conn:
-            rows = conn.execute(sql, params).fetchall()
-        return [self._load(body) for (body,) in rows]
-
     # -- status -------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Backend, root, record counts and image bytes, from indexed queries (no directory walk)."""
-        with self._using("reading store stats") as conn:
+        with self._using("reading store stats"):
+            conn = self._conn
+            assert conn is not None
             images, image_bytes = conn.execute("SELECT count(*), coalesce(sum(size_bytes), 0) FROM images").fetchone()
             cases = conn.execute("SELECT count(*) FROM cases").fetchone()[0]
             users = conn.execute("SELECT count(*) FROM case_counters").fetchone()[0]
@@ -529,3 +329,81 @@ class SQLiteStore:
             "schema_version": SCHEMA_VERSION,
         }
 
+
+
+class _Records:
+    """One user's rows (or every user's case rows) on the store's connection; see base.Records."""
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, user_id: str | None) -> None:
+        self.store, self.conn, self.user_id = store, conn, user_id
+
+    def _rows(self, sql: str, *params: Any) -> list[Row]:
+        return [Row(seq, self.store._load(body)) for seq, body in self.conn.execute(sql, params).fetchall()]
+
+    def counter(self) -> int | None:
+        row = self.conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (self.user_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_counter(self, last: int) -> None:
+        self.conn.execute(
+            "INSERT INTO case_counters (user_id, last_case_id, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET last_case_id = excluded.last_case_id,"
+            " updated_at = excluded.updated_at",
+            (self.user_id, last, _now()),
+        )
+
+    def images(self, case_id: str | None = None) -> list[Row]:
+        if case_id is None:
+            return self._rows("SELECT seq, record FROM images WHERE user_id = ? ORDER BY seq", self.user_id)
+        return self._rows(
+            "SELECT seq, record FROM images WHERE user_id = ? AND case_id = ? ORDER BY seq", self.user_id, case_id
+        )
+
+    def image(self, image_id: str) -> Row | None:
+        rows = self._rows("SELECT seq, record FROM images WHERE user_id = ? AND image_id = ?", self.user_id, image_id)
+        return rows[0] if rows else None
+
+    def cases(self, case_id: str) -> list[Row]:
+        return self._rows(
+            "SELECT seq, record FROM cases WHERE user_id = ? AND case_id = ? ORDER BY seq", self.user_id, case_id
+        )
+
+    def case_rows(self) -> list[CaseRow]:
+        # Only the indexed columns: a body is read (and decrypted) once its row is picked.
+        sql, params = "SELECT seq, entry_type, status_key, created_at FROM cases", []
+        if self.user_id is not None:
+            sql, params = sql + " WHERE user_id = ?", [self.user_id]
+        return [
+            CaseRow((created_at, seq), entry_type, status_key, partial(self._case_body, seq))
+            for seq, entry_type, status_key, created_at in self.conn.execute(sql, params).fetchall()
+        ]
+
+    def _case_body(self, seq: int) -> dict[str, Any]:
+        return self.store._load(self.conn.execute("SELECT record FROM cases WHERE seq = ?", (seq,)).fetchone()[0])
+
+    def put_image(self, row: Row) -> None:
+        self.conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self.store.sealer.dumps(row.record), row.key))
+
+    def put_case(self, row: Row) -> None:
+        rec = row.record
+        self.conn.execute(
+            "UPDATE cases SET status_key = ?, created_at = ?, record = ? WHERE seq = ?",
+            (R.status_key(rec.get("status")), R.created_key(rec), self.store.sealer.dumps(rec), row.key),
+        )
+
+    def add_case(self, record: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (self.user_id, record["case_id"], record["entry_type"], R.status_key(record.get("status")),
+             R.created_key(record), self.store.sealer.dumps(record)),
+        )
+
+    def delete_case(self, row: Row) -> None:
+        self.conn.execute("DELETE FROM cases WHERE seq = ?", (row.key,))
+
+    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+        # Inside the section's transaction: the job commits with the record it announces.
+        if self.store.outbox_enabled:
+            assert self.user_id is not None
+            enqueue_job(self.conn, kind, self.user_id, ref, size_bytes)
