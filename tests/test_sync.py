@@ -537,7 +537,7 @@ def test_sync_status_command_reads_the_outbox_while_the_store_is_open(
     config = make_config(**sync_overrides(bucket))
     store = open_store("sqlite", config.storage.root, outbox=True)
     try:
-        from .test_storage import save
+        from .stores import save
 
         save(store, "img-1", "10000")
         assert sync_command(config, status=True, once=False) == 0
@@ -553,7 +553,7 @@ def test_sync_once_exits_1_with_the_error_when_the_bucket_is_unreachable(
     bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
     config = make_config(**sync_overrides(bucket, bucket__timeout_s=2.0))
     store = open_store("sqlite", config.storage.root, outbox=True)
-    from .test_storage import save
+    from .stores import save
 
     save(store, "img-1", "10000")
     store.close()
