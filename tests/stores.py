@@ -97,6 +97,18 @@ def store(make_store: Factory) -> Store:
     return make_store()
 
 
+def store_of(backend: str) -> Any:
+    """A fixture opening one named back end on `root`, for that back end's own layout tests."""
+
+    @pytest.fixture
+    def one_store(root: Path) -> Iterator[Store]:
+        store = open_store(backend, root)
+        yield store
+        store.close()
+
+    return one_store
+
+
 def reopen(store: Store, make_store: Factory) -> Store:
     store.close()
     return make_store()

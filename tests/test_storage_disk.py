@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,12 @@ from appliance.storage import Store, open_store
 from . import stores
 from .stores import JPEG, USER, case_record, image_bytes, listed, save
 
-# The store fixtures, parametrized over storage.BACKENDS (tests/stores.py).
+# The store root, and the disk store on it (tests/stores.py).
 root = stores.root
+disk_store = stores.store_of("disk")
 
 
 # -- the disk layout ------------------------------------------------------------
-
-
-@pytest.fixture
-def disk_store(root: Path) -> Iterator[Store]:
-    store = open_store("disk", root)
-    yield store
-    store.close()
 
 
 def metadata_lines(root: Path, user: str = USER) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,12 @@ from appliance.storage import Store, open_store
 from . import stores
 from .stores import USER, image_bytes, save
 
-# The store fixtures, parametrized over storage.BACKENDS (tests/stores.py).
+# The store root, and the sqlite store on it (tests/stores.py).
 root = stores.root
+sqlite_store = stores.store_of("sqlite")
 
 
 # -- the sqlite layout ----------------------------------------------------------
-
-
-@pytest.fixture
-def sqlite_store(root: Path) -> Iterator[Store]:
-    store = open_store("sqlite", root)
-    yield store
-    store.close()
 
 
 def test_sqlite_keeps_images_as_files_and_records_in_a_wal_database(sqlite_store: Store, root: Path) -> None:
