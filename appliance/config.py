@@ -300,7 +300,7 @@ def _check_choices(config: Config) -> None:
 
 def _check_sync(config: Config) -> None:
     """The [sync], [bucket] and model.url keys (appliance/sync/)."""
-    from .sync.targets import check_url
+    from .buckets import check_url
 
     sync = config.sync
     if sync.enabled:

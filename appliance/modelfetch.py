@@ -54,7 +54,7 @@ def cached_model_dir(url: str, cache_dir: Path) -> Path | None:
 
 def fetch_model(url: str, cache_dir: Path, bucket: Any) -> Path:
     """Fetch the model at `url` into the cache and return its version directory."""
-    from .sync.targets import open_target
+    from .buckets import open_target
 
     cache = _cache_for(url, cache_dir)
     target = open_target(url, bucket, max_retries=1)

@@ -26,18 +26,17 @@ import pytest
 from aiohttp.test_utils import TestClient
 from PIL import ExifTags, Image
 
-from appliance.cases import list_cases
+from appliance import buckets
 from appliance.app import create_app
+from appliance.cases import list_cases
 from appliance.config import Config, parse_config
 from appliance.errors import ConfigError
 from appliance.keys import STORE, SYNC
 from appliance.privacy import strip_metadata
-from appliance.storage import open_store
+from appliance.storage import BACKENDS, open_store
+from appliance.storage.outbox import connect, enqueue
 from appliance.sync import keys
 from appliance.sync.commands import sync_command
-from appliance.storage.outbox import connect, enqueue
-from appliance.sync.outbox import Outbox
-from appliance.sync.targets import parse_url
 from appliance.sync.worker import backoff_delay
 
 from .buckets import Bucket, Server
@@ -45,7 +44,8 @@ from .conftest import encode, photo
 from .test_api import upload
 from .test_serve import post_image, running, wait_ready
 
-PROVIDERS = ("s3", "gcs", "azure")
+# Every registered sync target and store: a new one gets these tests by its registry line.
+PROVIDERS = tuple(buckets.PROVIDERS)
 USER = {"X-User-Id": "user001", "X-User-Role": "gp"}
 BOX = "box-1"
 _names = itertools.count()
@@ -160,7 +160,7 @@ def assert_bucket_equals(bucket: Bucket, expected: dict[str, bytes]) -> None:
 # -- the contract, over every provider ------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "disk"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
         aiohttp_client: Any, make_config: Callable[..., Config], make_bucket: Callable[..., Bucket],
@@ -436,7 +436,7 @@ async def test_sync_off_reports_disabled_and_writes_no_outbox(
     assert not (config.storage.root / "outbox.db").exists()
 
 
-# -- units: backoff, keys, URLs, config, the CLI ----------------------------------
+# -- units: backoff, config, the CLI ------------------------------------------------
 
 
 def test_backoff_doubles_with_jitter_and_never_exceeds_five_minutes() -> None:
@@ -450,51 +450,6 @@ def test_backoff_doubles_with_jitter_and_never_exceeds_five_minutes() -> None:
     rng = random.Random(4)
     assert max(backoff_delay(n, 1.0, 300.0, rand=rng.random) for n in range(1, 10_000)) <= 300.0
     assert backoff_delay(10_000, 1.0) <= 300.0
-
-
-def test_outbox_coalesces_a_waiting_job_and_keeps_a_change_made_during_upload(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox.db")
-    conn = connect(tmp_path / "outbox.db")
-    enqueue(conn, "case", "u1", "10000", 10)
-    enqueue(conn, "case", "u1", "10000", 12)  # the same case again: one job, newer version
-    (job,) = outbox.due(time.time(), 10)
-    assert (job.version, job.size_bytes) == (2, 12)
-    enqueue(conn, "case", "u1", "10000", 14)  # changed while "uploading"
-    assert outbox.done(job) is False  # kept, to upload the change
-    (again,) = outbox.due(time.time(), 10)
-    assert again.version == 3 and outbox.done(again) is True
-    assert outbox.due(time.time(), 10) == [] and outbox.backlog().jobs == 0
-    conn.close()
-    outbox.close()
-
-
-def test_a_failed_job_waits_for_its_retry_time_and_is_never_dropped(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox.db")
-    conn = connect(tmp_path / "outbox.db")
-    enqueue(conn, "image", "u1", "img-1", 100)
-    (job,) = outbox.due(1000.0, 10)
-    outbox.failed(job, "GenericError: connection refused", now=1000.0, retry_at=1060.0)
-    assert outbox.due(1059.0, 10) == []
-    assert [j.attempts for j in outbox.due(1060.0, 10)] == [1]
-    backlog = outbox.backlog()
-    assert (backlog.jobs, backlog.bytes_pending, backlog.failing_jobs) == (1, 100, 1)
-    assert backlog.last_error == "GenericError: connection refused"
-    conn.close()
-    outbox.close()
-
-
-@pytest.mark.parametrize(("url", "provider", "bucket", "prefix", "account"), [
-    ("s3://clinic-data/eu/boxes", "s3", "clinic-data", "eu/boxes", ""),
-    ("gs://clinic-data", "gcs", "clinic-data", "", ""),
-    ("az://container/p", "azure", "container", "p", ""),
-    ("https://clinic-data.s3.eu-central-1.amazonaws.com/p/q", "s3", "clinic-data", "p/q", ""),
-    ("https://s3.eu-central-1.amazonaws.com/clinic-data/p", "s3", "clinic-data", "p", ""),
-    ("https://storage.googleapis.com/clinic-data/p", "gcs", "clinic-data", "p", ""),
-    ("https://acct.blob.core.windows.net/container/p", "azure", "container", "p", "acct"),
-])
-def test_bucket_urls(url: str, provider: str, bucket: str, prefix: str, account: str) -> None:
-    parsed = parse_url(url)
-    assert (parsed.provider, parsed.bucket, parsed.prefix, parsed.account) == (provider, bucket, prefix, account)
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -512,55 +467,6 @@ def test_bad_sync_config_names_the_key(raw: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError) as caught:
         parse_config(raw)
     assert caught.value.detail == message
-
-
-def test_keys_are_deterministic_and_dated_by_the_record() -> None:
-    record = {"image_id": "abc", "created_at": "2026-03-01T23:30:00-02:00"}
-    assert keys.image_key("b", record, "jpeg") == "b/images/2026/03/02/abc.jpg"
-    assert keys.image_record_key("b", record) == "b/images/2026/03/02/abc.json"
-    assert keys.image_key("b", {"image_id": "abc"}, "png") == "b/images/undated/abc.png"
-    assert keys.case_key("b", "user001", "10000") == "b/cases/user001/10000.json"
-
-
-def test_default_box_id_is_the_host_name_and_machine_id(tmp_path: Path) -> None:
-    machine = tmp_path / "machine-id"
-    machine.write_text("0123abcd" + "0" * 24 + "\n")
-    host = socket.gethostname().split(".")[0]
-    assert keys.default_box_id(machine).endswith("-0123abcd")
-    assert keys.default_box_id(tmp_path / "missing").startswith(host[:3] if host.isalnum() else "")
-    assert keys.default_box_id(machine) == keys.default_box_id(machine)
-
-
-def test_sync_status_command_reads_the_outbox_while_the_store_is_open(
-        make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
-    config = make_config(**sync_overrides(bucket))
-    store = open_store("sqlite", config.storage.root, outbox=True)
-    try:
-        from .stores import save
-
-        save(store, "img-1", "10000")
-        assert sync_command(config, status=True, once=False) == 0
-    finally:
-        store.close()
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["backlog"] == 1 and printed["bytes_pending"] > 0 and printed["enabled"] is True
-    assert printed["oldest_pending"] is not None and printed["last_error"] is None
-
-
-def test_sync_once_exits_1_with_the_error_when_the_bucket_is_unreachable(
-        make_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
-    config = make_config(**sync_overrides(bucket, bucket__timeout_s=2.0))
-    store = open_store("sqlite", config.storage.root, outbox=True)
-    from .stores import save
-
-    save(store, "img-1", "10000")
-    store.close()
-    assert sync_command(config, status=False, once=True) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("appliance: sync stopped at an error: image user001/img-1: ")
-    assert "; uploaded 0 objects to s3://nowhere/clinic; 1 jobs (" in err
 
 
 def test_a_record_with_a_lone_surrogate_still_makes_an_object_body() -> None:

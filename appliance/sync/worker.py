@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from .. import imaging
+from ..buckets.target import Target
 from ..errors import InsufficientStorage, StoreError
 from ..storage import Store
 from . import keys
 from .outbox import Backlog, Job, Outbox, iso_time
-from .targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _json(record: dict[str, Any]) -> bytes:
 
 def create_worker(config: Any, store: Store) -> SyncWorker:
     """Build the worker for `config.sync` on an open store (blocking: opens the outbox's connection)."""
-    from .targets import open_target
+    from ..buckets import open_target
 
     target = open_target(config.sync.url, config.bucket)
     box_id = config.sync.box_id or keys.default_box_id()
