@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
+# The storage, sync and bucket sections are defined by their subsystems; this module composes them.
+from .buckets import check_url
+from .buckets.config import BucketConfig, check_bucket
 from .errors import ConfigError
 from .inference.runtimes import RUNTIMES, runtime_config_class
-from .storage import BACKENDS
+from .storage.config import StorageConfig, check_storage
+from .sync.config import SyncConfig, check_sync, check_sync_limits
 
 if TYPE_CHECKING:  # served paths import imaging (OpenCV, PIL): not needed to read a config
     from .inference.paths import Wanted
@@ -118,50 +122,10 @@ class ImagingConfig:
 
 
 @dataclass(frozen=True)
-class StorageConfig:
-    """Where images and records are kept."""
-
-    backend: str = "sqlite"
-    root: Path = Path("data")
-    case_id_start: int = 10000
-    # Encryption at rest (appliance/storage/crypto.py); the key itself never sits in config.
-    encrypt: bool = False
-    key_file: Path | None = None
-
-
-@dataclass(frozen=True)
 class PrivacyConfig:
     """What is removed from images before they are kept (appliance/privacy.py)."""
 
     strip_metadata_on_store: bool = True
-
-
-@dataclass(frozen=True)
-class BucketConfig:
-    """How the appliance reaches its buckets (sync.url, model.url); secrets only by path or environment."""
-
-    endpoint: str = ""
-    region: str = ""
-    account: str = ""
-    credentials_file: Path | None = None
-    allow_http: bool = False
-    timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class SyncConfig:
-    """Store-and-forward upload of images and records to a bucket (appliance/sync/)."""
-
-    enabled: bool = False
-    url: str = ""
-    box_id: str = ""
-    max_concurrency: int = 4
-    poll_interval_s: float = 2.0
-    retry_base_s: float = 1.0
-    retry_max_s: float = 300.0
-    disk_budget_bytes: int = 0
-    when_over_budget: Literal["refuse", "accept"] = "refuse"
-    shutdown_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -262,10 +226,7 @@ def _parse_runtime(table: Mapping[str, Any]) -> RuntimeConfig:
 
 
 def _check_choices(config: Config) -> None:
-    if config.storage.backend not in BACKENDS:
-        raise ConfigError(
-            f"storage.backend: expected one of {', '.join(BACKENDS)}; got {config.storage.backend!r}"
-        )
+    check_storage(config.storage)
     positive = {
         "server.port": config.server.port,
         "server.max_body_bytes": config.server.max_body_bytes,
@@ -299,33 +260,12 @@ def _check_choices(config: Config) -> None:
 
 
 def _check_sync(config: Config) -> None:
-    """The [sync], [bucket] and model.url keys (appliance/sync/)."""
-    from .buckets import check_url
-
-    sync = config.sync
-    if sync.enabled:
-        if not sync.url:
-            raise ConfigError("sync.url: expected a bucket URL (s3://, gs://, az:// or https://) when sync.enabled = true")
-        check_url(sync.url, "sync.url")
+    """The [sync], [bucket] and model.url keys (appliance/sync/, appliance/buckets/)."""
+    check_sync(config.sync)
     if config.model.url:
         check_url(config.model.url, "model.url")
-    if sync.box_id and not all(c.isascii() and (c.isalnum() or c in "-_") for c in sync.box_id):
-        raise ConfigError(f"sync.box_id: expected letters, digits, '-' and '_'; got {sync.box_id!r}")
-    if sync.max_concurrency < 1:
-        raise ConfigError(f"sync.max_concurrency: expected a positive number; got {sync.max_concurrency!r}")
-    if sync.disk_budget_bytes < 0:
-        raise ConfigError(f"sync.disk_budget_bytes: expected 0 (no budget) or more; got {sync.disk_budget_bytes!r}")
-    # The issue's bound: retries at most 5 minutes apart, whatever the config says.
-    if not 0 < sync.retry_base_s <= sync.retry_max_s <= 300:
-        raise ConfigError(
-            f"sync.retry_base_s, sync.retry_max_s: expected 0 < base <= max <= 300 seconds;"
-            f" got {sync.retry_base_s!r}, {sync.retry_max_s!r}"
-        )
-    for key, seconds in {"sync.poll_interval_s": sync.poll_interval_s,
-                         "sync.shutdown_timeout_s": sync.shutdown_timeout_s,
-                         "bucket.timeout_s": config.bucket.timeout_s}.items():
-        if seconds <= 0:
-            raise ConfigError(f"{key}: expected a positive number of seconds; got {seconds!r}")
+    check_sync_limits(config.sync)
+    check_bucket(config.bucket)
 
 
 def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:

@@ -30,7 +30,6 @@ from appliance import buckets
 from appliance.app import create_app
 from appliance.cases import list_cases
 from appliance.config import Config, parse_config
-from appliance.errors import ConfigError
 from appliance.keys import STORE, SYNC
 from appliance.privacy import strip_metadata
 from appliance.storage import BACKENDS, open_store
@@ -450,23 +449,6 @@ def test_backoff_doubles_with_jitter_and_never_exceeds_five_minutes() -> None:
     rng = random.Random(4)
     assert max(backoff_delay(n, 1.0, 300.0, rand=rng.random) for n in range(1, 10_000)) <= 300.0
     assert backoff_delay(10_000, 1.0) <= 300.0
-
-
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"sync": {"enabled": True}}, "sync.url: expected a bucket URL (s3://, gs://, az:// or https://) when sync.enabled = true"),
-    ({"sync": {"enabled": True, "url": "ftp://x/y"}},
-     "sync.url: expected s3://, gs://, az:// or an https URL of S3, Google Cloud Storage or Azure Blob; got 'ftp://x/y'"),
-    ({"sync": {"retry_max_s": 301}},
-     "sync.retry_base_s, sync.retry_max_s: expected 0 < base <= max <= 300 seconds; got 1.0, 301.0"),
-    ({"sync": {"box_id": "a/b"}}, "sync.box_id: expected letters, digits, '-' and '_'; got 'a/b'"),
-    ({"sync": {"when_over_budget": "drop"}}, "sync.when_over_budget: expected one of refuse, accept; got 'drop'"),
-    ({"sync": {"max_concurrency": 0}}, "sync.max_concurrency: expected a positive number; got 0"),
-    ({"sync": {"disk_budget_bytes": -1}}, "sync.disk_budget_bytes: expected 0 (no budget) or more; got -1"),
-])
-def test_bad_sync_config_names_the_key(raw: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError) as caught:
-        parse_config(raw)
-    assert caught.value.detail == message
 
 
 def test_a_record_with_a_lone_surrogate_still_makes_an_object_body() -> None:

@@ -7,13 +7,14 @@ module with a `Target` subclass, one line here and its URL scheme in `urls.py`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..importer import import_from_string
 from .urls import BucketURL, check_url, parse_url
 
 if TYPE_CHECKING:
+    from .config import BucketConfig
     from .target import Target
 
 __all__ = ["PROVIDERS", "BucketURL", "check_url", "open_target", "parse_url"]
@@ -25,7 +26,7 @@ PROVIDERS: dict[str, str] = {
 }
 
 
-def open_target(url: str, bucket: Any, *, max_retries: int = 1) -> Target:
+def open_target(url: str, bucket: BucketConfig, *, max_retries: int = 1) -> Target:
     """The target for a bucket URL; ConfigError for a bad URL or credentials file."""
     from obstore.exceptions import BaseError
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ApplianceError, ConfigError
+from .config import BucketConfig
 from .urls import parse_url
 
 if TYPE_CHECKING:
@@ -39,10 +40,10 @@ class Target:
 
     provider = ""
 
-    def __init__(self, url: str, bucket: Any, *, max_retries: int = 1) -> None:
+    def __init__(self, url: str, bucket: BucketConfig, *, max_retries: int = 1) -> None:
         self.url = url
         self.where = parse_url(url)
-        self.config = bucket  # a config.BucketConfig
+        self.config = bucket
         client: ClientConfig = {"timeout": timedelta(seconds=bucket.timeout_s),
                                 "connect_timeout": timedelta(seconds=min(10.0, bucket.timeout_s))}
         if bucket.allow_http:

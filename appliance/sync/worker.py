@@ -28,6 +28,7 @@ from ..buckets.target import Target
 from ..errors import InsufficientStorage, StoreError
 from ..storage import Store
 from . import keys
+from .config import SyncConfig
 from .outbox import Backlog, Job, Outbox, iso_time
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class SyncWorker:
         store: Store,
         outbox: Outbox,
         target: Target,
-        config: Any,  # config.SyncConfig
+        config: SyncConfig,
         *,
         box_id: str,
         clock: Callable[[], float] = time.time,
