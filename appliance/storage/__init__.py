@@ -1,7 +1,9 @@
 """Durable storage of images, their records, case records and case-id counters.
 
 One `Store` protocol, one module per back end, chosen by `storage.backend` in
-the config through `BACKENDS` (imported only when selected).
+the config through `BACKENDS` (imported only when selected). Adding a store is
+one module subclassing `base.BaseStore` and one line in `BACKENDS`; the
+contract tests (tests/stores.py) then run over it too.
 
 Every method is synchronous and blocking: the app calls them from its single
 store-writer thread, never from the event loop. A method that returns has made
