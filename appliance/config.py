@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 # The storage, sync and bucket sections are defined by their subsystems; this module composes them.
 from .buckets import check_url
-from .buckets.config import BucketConfig, check_bucket
+from .buckets.config import BucketConfig
 from .errors import ConfigError
 from .inference.runtimes import RUNTIMES, runtime_config_class
-from .storage.config import StorageConfig, check_storage
-from .sync.config import SyncConfig, check_sync, check_sync_limits
+from .inference.runtimes.onnxruntime import LEGACY_DEVICES
+from .settings import Check, check_fields, positive, seconds, setting
+from .storage.config import StorageConfig
+from .sync.config import SyncConfig, check_sync
 
 if TYPE_CHECKING:  # served paths import imaging (OpenCV, PIL): not needed to read a config
     from .inference.paths import Wanted
@@ -41,19 +43,19 @@ class ServerConfig:
     """Where and how the HTTP server listens."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 32 * 1024 * 1024
+    port: int = positive(8000)
+    max_body_bytes: int = positive(32 * 1024 * 1024)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     shutdown_timeout_s: float = 10.0
     # Hardening (appliance/security.py, appliance/api/guards.py): see config.toml.
     allow_insecure: bool = False
     allowed_origins: tuple[str, ...] = ("*",)
-    max_json_bytes: int = 1024 * 1024
-    max_header_bytes: int = 8190
-    max_headers: int = 100
-    idle_timeout_s: float = 30.0
-    body_timeout_s: float = 60.0
+    max_json_bytes: int = positive(1024 * 1024)
+    max_header_bytes: int = positive(8190)
+    max_headers: int = positive(100)
+    idle_timeout_s: float = seconds(30.0)
+    body_timeout_s: float = seconds(60.0)
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,9 @@ class AuthConfig:
 class LimitsConfig:
     """Per-client rate limits and the bound on requests holding a body in memory."""
 
-    requests_per_minute: int = 0
-    burst: int = 60
-    max_concurrent_bodies: int = 16
+    requests_per_minute: int = setting(0, Check("0 (off) or more", at_least=0))
+    burst: int = positive(60)
+    max_concurrent_bodies: int = positive(16)
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,20 @@ class RuntimeConfig:
 class InferenceConfig:
     """Queueing and micro-batching in front of the runtime."""
 
-    max_batch: int = 4
+    max_batch: int = positive(4)
     max_wait_ms: float = 2.0
-    queue_size: int = 32
-    decode_threads: int = 2
+    queue_size: int = positive(32)
+    decode_threads: int = positive(2)
 
 
 @dataclass(frozen=True)
 class ImagingConfig:
     """Image acceptance limits and the blur / confidence thresholds."""
 
-    max_pixels: int = 64_000_000
+    max_pixels: int = positive(64_000_000)
     blur_threshold: float = 100.0
     blur_full_resolution: bool = False
-    conf_threshold: float = 0.5
+    conf_threshold: float = setting(0.5, Check("a number from 0 to 1", at_least=0.0, at_most=1.0))
     # How photos are decoded: "auto" (the fastest served path convert measured that met
     # the bar), "fast" (DCT-scaled JPEG decode) or "exact" (whole; the reference's tensor).
     decode: Literal["auto", "fast", "exact"] = "auto"
@@ -162,10 +164,6 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "MODEL_URL": ("model", "url"),  # a bucket URL (appliance/modelfetch.py)
 }
 
-# MODEL_DEVICE of the old server: "cpu" is what every runtime does by default
-# (nothing to override); "cuda" means ONNX Runtime's CUDA provider.
-MODEL_DEVICES = ("cpu", "cuda")
-CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
@@ -226,46 +224,15 @@ def _parse_runtime(table: Mapping[str, Any]) -> RuntimeConfig:
 
 
 def _check_choices(config: Config) -> None:
-    check_storage(config.storage)
-    positive = {
-        "server.port": config.server.port,
-        "server.max_body_bytes": config.server.max_body_bytes,
-        "inference.max_batch": config.inference.max_batch,
-        "inference.queue_size": config.inference.queue_size,
-        "inference.decode_threads": config.inference.decode_threads,
-        "imaging.max_pixels": config.imaging.max_pixels,
-        "server.max_json_bytes": config.server.max_json_bytes,
-        "server.max_header_bytes": config.server.max_header_bytes,
-        "server.max_headers": config.server.max_headers,
-        "limits.burst": config.limits.burst,
-        "limits.max_concurrent_bodies": config.limits.max_concurrent_bodies,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: expected a positive number; got {value!r}")
-    for key, seconds in {"server.idle_timeout_s": config.server.idle_timeout_s,
-                         "server.body_timeout_s": config.server.body_timeout_s}.items():
-        if seconds <= 0:
-            raise ConfigError(f"{key}: expected a positive number of seconds; got {seconds!r}")
-    if config.limits.requests_per_minute < 0:
-        raise ConfigError(f"limits.requests_per_minute: expected 0 (off) or more; got {config.limits.requests_per_minute!r}")
-    _check_sync(config)
-    if not 0.0 <= config.imaging.conf_threshold <= 1.0:
-        raise ConfigError(f"imaging.conf_threshold: expected a number from 0 to 1; got {config.imaging.conf_threshold!r}")
+    """The rules between keys; each key's own range or choices were checked as it was parsed."""
+    check_sync(config.sync)
+    if config.model.url:
+        check_url(config.model.url, "model.url")
     if config.imaging.blur_full_resolution and config.imaging.decode == "fast":
         raise ConfigError('imaging.decode: "fast" cannot hold with imaging.blur_full_resolution = true, which decodes '
                           'every photo whole; set imaging.decode = "auto" or "exact"')
     if (config.server.tls_cert_file is None) != (config.server.tls_key_file is None):
         raise ConfigError("server.tls_cert_file and server.tls_key_file: expected both or neither")
-
-
-def _check_sync(config: Config) -> None:
-    """The [sync], [bucket] and model.url keys (appliance/sync/, appliance/buckets/)."""
-    check_sync(config.sync)
-    if config.model.url:
-        check_url(config.model.url, "model.url")
-    check_sync_limits(config.sync)
-    check_bucket(config.bucket)
 
 
 def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:
@@ -274,7 +241,9 @@ def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _refuse_unknown(table, fields, where)
     values = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in table.items()}
-    return cls(**values)
+    section = cls(**values)
+    check_fields(section, where)
+    return section
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -382,11 +351,10 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             _set(raw, list(legacy_path), environ[name].strip())
     device = environ.get("MODEL_DEVICE", "").strip().lower()
     if device:
-        if device not in MODEL_DEVICES:
-            raise ConfigError(f"MODEL_DEVICE: expected one of {', '.join(MODEL_DEVICES)}; got {device!r}")
-        if device == "cuda":
-            _set(raw, ["runtime", "backend"], "onnxruntime")
-            _set(raw, ["runtime", "onnxruntime", "providers"], list(CUDA_PROVIDERS))
+        if device not in LEGACY_DEVICES:
+            raise ConfigError(f"MODEL_DEVICE: expected one of {', '.join(LEGACY_DEVICES)}; got {device!r}")
+        for key, value in LEGACY_DEVICES[device].items():
+            _set(raw, list(key), value)
 
 
 def _env_value(text: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..settings import seconds
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,5 @@ class BucketConfig:
     account: str = ""
     credentials_file: Path | None = None
     allow_http: bool = False
-    timeout_s: float = 60.0
+    timeout_s: float = seconds(60.0)
 
-
-def check_bucket(bucket: BucketConfig) -> None:
-    """Refuse a timeout that is not a positive number of seconds, naming the key."""
-    if bucket.timeout_s <= 0:
-        raise ConfigError(f"bucket.timeout_s: expected a positive number of seconds; got {bucket.timeout_s!r}")

@@ -13,6 +13,16 @@ from ...errors import RuntimeLoadError
 
 log = logging.getLogger(__name__)
 
+# The old server's MODEL_DEVICE, as the config keys it sets: "cpu" is what every runtime
+# does by default (nothing to set); "cuda" meant this engine with its CUDA provider first.
+LEGACY_DEVICES: dict[str, dict[tuple[str, ...], Any]] = {
+    "cpu": {},
+    "cuda": {
+        ("runtime", "backend"): "onnxruntime",
+        ("runtime", "onnxruntime", "providers"): ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    },
+}
+
 
 @dataclass(frozen=True)
 class OnnxRuntimeConfig:
