@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             from .sync.commands import sync_command
 
-            return sync_command(config, status=args.action == "status", once=args.once)
+            return sync_command(config.storage, config.sync, config.bucket, status=args.action == "status", once=args.once)
         return serve(config, args)
     except ApplianceError as exc:
         print(f"appliance: error: {exc.detail}", file=sys.stderr)
@@ -126,7 +126,7 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     from .storage import open_configured_store
 
     sealer = source_sealer(args.key_file, config.storage.key_file)
-    store = open_configured_store(config)
+    store = open_configured_store(config.storage, outbox=config.sync.enabled)
     try:
         report = run_import(
             Path(args.storage_root), store, sealer=sealer, strip_metadata=config.privacy.strip_metadata_on_store
@@ -170,11 +170,10 @@ def check_config(config: Config) -> int:
 def serve(config: Config, args: argparse.Namespace) -> int:
     from . import systemd
     from .app import create_app
-    from .serving import run_until_stopped
-
     from .limits import server_options
     from .logs import configure_logging
     from .security import is_loopback, load_api_keys, tls_context
+    from .serving import run_until_stopped
 
     configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host

@@ -126,7 +126,7 @@ async def _executors(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(app[EXECUTORS].store, open_configured_store, app[CONFIG])
+    store = await loop.run_in_executor(app[EXECUTORS].store, lambda: open_configured_store(app[CONFIG].storage, outbox=app[CONFIG].sync.enabled))
     app[STORE] = store
     yield
     await loop.run_in_executor(app[EXECUTORS].store, store.close)
@@ -214,7 +214,7 @@ async def _sync(app: web.Application) -> AsyncIterator[None]:
     from .sync.worker import create_worker
 
     loop = asyncio.get_running_loop()
-    worker = await loop.run_in_executor(app[EXECUTORS].store, create_worker, config, app[STORE])
+    worker = await loop.run_in_executor(app[EXECUTORS].store, create_worker, config.sync, config.bucket, app[STORE])
     app[SYNC] = worker
     await worker.start()
     log.info("sync: uploading to %s as box %s", config.sync.url, worker.box_id)

@@ -217,7 +217,7 @@ async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
     enqueue(conn, "case", "user001", case_id)
     conn.execute("COMMIT")
     conn.close()
-    assert await asyncio.to_thread(sync_command, config, status=False, once=True) == 0
+    assert await asyncio.to_thread(sync_command, config.storage, config.sync, config.bucket, status=False, once=True) == 0
     assert_bucket_equals(bucket, expected)
 
 
@@ -277,7 +277,7 @@ async def test_rejected_credentials_show_in_status_keep_retrying_and_lose_nothin
     # With the right key the same outbox drains: nothing was dropped.
     fixed = parse_config({**_raw(config), "bucket": {**_raw(config)["bucket"],
                                                        "credentials_file": str(good.credentials_file)}})
-    assert await asyncio.to_thread(sync_command, fixed, status=False, once=True) == 0
+    assert await asyncio.to_thread(sync_command, fixed.storage, fixed.sync, fixed.bucket, status=False, once=True) == 0
     store = open_store("sqlite", config.storage.root)
     try:
         assert_bucket_equals(good, expected_objects(store))

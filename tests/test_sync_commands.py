@@ -24,7 +24,7 @@ def test_sync_status_command_reads_the_outbox_while_the_store_is_open(
     store = open_store("sqlite", config.storage.root, outbox=True)
     try:
         save(store, "img-1", "10000")
-        assert sync_command(config, status=True, once=False) == 0
+        assert sync_command(config.storage, config.sync, config.bucket, status=True, once=False) == 0
     finally:
         store.close()
     printed = json.loads(capsys.readouterr().out)
@@ -39,7 +39,7 @@ def test_sync_once_exits_1_with_the_error_when_the_bucket_is_unreachable(
     store = open_store("sqlite", config.storage.root, outbox=True)
     save(store, "img-1", "10000")
     store.close()
-    assert sync_command(config, status=False, once=True) == 1
+    assert sync_command(config.storage, config.sync, config.bucket, status=False, once=True) == 1
     err = capsys.readouterr().err
     assert err.startswith("appliance: sync stopped at an error: image user001/img-1: ")
     assert "; uploaded 0 objects to s3://nowhere/clinic; 1 jobs (" in err

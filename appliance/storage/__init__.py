@@ -30,6 +30,7 @@ from ..importer import import_from_string
 
 if TYPE_CHECKING:
     from .base import Records
+    from .config import StorageConfig
 
 BACKENDS: dict[str, str] = {
     "sqlite": "appliance.storage.sqlite:SQLiteStore",
@@ -117,18 +118,17 @@ def outbox_location(backend: str, root: Path) -> Path:
     return Path(import_from_string(BACKENDS[backend]).outbox_at(root))
 
 
-def open_configured_store(config: Any, *, outbox: bool | None = None) -> Store:
-    """Open the store `config.storage` names, with its encryption key and, while sync is on, its outbox.
+def open_configured_store(storage: StorageConfig, *, outbox: bool) -> Store:
+    """Open the store `storage` names, with its encryption key, and with its sync outbox when `outbox`.
 
-    `outbox` overrides the sync setting (`appliance sync --once` drains even when the service has sync off).
+    The service writes the outbox while sync is on; `appliance sync --once` drains even when it is off.
     """
     from .crypto import load_sealer
 
-    storage = config.storage
     return open_store(
         storage.backend,
         storage.root,
         case_id_start=storage.case_id_start,
         sealer=load_sealer(storage.encrypt, storage.key_file),
-        outbox=config.sync.enabled if outbox is None else outbox,
+        outbox=outbox,
     )

@@ -5,40 +5,42 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
 
+from ..buckets.config import BucketConfig
 from ..errors import ConfigError
+from ..storage.config import StorageConfig
+from .config import SyncConfig
 from .status import offline_status
 
 
-def sync_command(config: Any, *, status: bool, once: bool) -> int:
+def sync_command(storage: StorageConfig, sync: SyncConfig, bucket: BucketConfig, *, status: bool, once: bool) -> int:
     """Run the CLI's sync action; the exit status."""
     if status == once:
         raise ConfigError("appliance sync: say either --once or status")
     if status:
-        print(json.dumps(offline_status(config), indent=2))
+        print(json.dumps(offline_status(storage, sync), indent=2))
         return 0
-    if not config.sync.url:
+    if not sync.url:
         raise ConfigError("sync.url: expected a bucket URL to drain to")
-    return asyncio.run(_drain(config))
+    return asyncio.run(_drain(storage, sync, bucket))
 
 
-async def _drain(config: Any) -> int:
+async def _drain(storage: StorageConfig, sync: SyncConfig, bucket: BucketConfig) -> int:
     from ..storage import open_configured_store
     from .worker import create_worker
 
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(None, lambda: open_configured_store(config, outbox=True))
+    store = await loop.run_in_executor(None, lambda: open_configured_store(storage, outbox=True))
     try:
-        worker = await loop.run_in_executor(None, create_worker, config, store)
+        worker = await loop.run_in_executor(None, create_worker, sync, bucket, store)
         try:
             error = await worker.drain_once()
             numbers = worker.status()
         finally:
-            await worker.stop(config.sync.shutdown_timeout_s)
+            await worker.stop(sync.shutdown_timeout_s)
     finally:
         await loop.run_in_executor(None, store.close)
-    summary = (f"uploaded {numbers['uploaded_objects']} objects to {config.sync.url}; "
+    summary = (f"uploaded {numbers['uploaded_objects']} objects to {sync.url}; "
                f"{numbers['backlog']} jobs ({numbers['bytes_pending']} bytes) waiting")
     if error is not None:
         print(f"appliance: sync stopped at an error: {error}; {summary}", file=sys.stderr)

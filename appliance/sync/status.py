@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..storage import outbox_location
+from ..storage.config import StorageConfig
+from .config import SyncConfig
 from .outbox import read_backlog_at
 
 
@@ -13,8 +15,8 @@ def disabled_status() -> dict[str, Any]:
     return {"enabled": False}
 
 
-def offline_status(config: Any) -> dict[str, Any]:
+def offline_status(storage: StorageConfig, sync: SyncConfig) -> dict[str, Any]:
     """The outbox's numbers read straight from its file (read-only; works while the server runs)."""
-    path = outbox_location(config.storage.backend, config.storage.root)
+    path = outbox_location(storage.backend, storage.root)
     backlog = read_backlog_at(path)
-    return {"enabled": config.sync.enabled, "url": config.sync.url, "outbox": str(path), **backlog.as_dict()}
+    return {"enabled": sync.enabled, "url": sync.url, "outbox": str(path), **backlog.as_dict()}

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from .. import imaging
+from ..buckets.config import BucketConfig
 from ..buckets.target import Target
 from ..errors import InsufficientStorage, StoreError
 from ..storage import Store
@@ -285,10 +286,10 @@ def _json(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True).encode()
 
 
-def create_worker(config: Any, store: Store) -> SyncWorker:
-    """Build the worker for `config.sync` on an open store (blocking: opens the outbox's connection)."""
+def create_worker(sync: SyncConfig, bucket: BucketConfig, store: Store) -> SyncWorker:
+    """Build the worker for `sync` on an open store (blocking: opens the outbox's connection)."""
     from ..buckets import open_target
 
-    target = open_target(config.sync.url, config.bucket)
-    box_id = config.sync.box_id or keys.default_box_id()
-    return SyncWorker(store, Outbox(store.outbox_path), target, config.sync, box_id=box_id)
+    target = open_target(sync.url, bucket)
+    box_id = sync.box_id or keys.default_box_id()
+    return SyncWorker(store, Outbox(store.outbox_path), target, sync, box_id=box_id)
