@@ -26,12 +26,11 @@ from .imaging import sniff
 from .services import SUFFIXES
 from .storage import CASE_ENTRY_TYPES, Store, StoredImage
 from .storage.crypto import MissingKey, Sealer, envelope_bytes, is_sealed_record, load_sealer, read_key_file
-from .storage.files import is_id
 
-METADATA = "metadata.jsonl"
-COUNTER = "case_counter.json"
-# The old server wrote .jpg (plain) or .bin (encrypted); our own disk store also writes .png and .webp.
-IMAGE_FILE_SUFFIXES = (".jpg", ".png", ".webp", ".bin")
+# The disk store writes the old layout: its names are the old layout's names.
+# (The old server wrote .jpg, or .bin when encrypted; the disk store also .png and .webp.)
+from .storage.disk import COUNTER, FILE_SUFFIXES, METADATA
+from .storage.files import is_id
 
 
 @dataclass
@@ -163,7 +162,7 @@ def _read_records(
 def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: bool, report: ImportReport) -> None:
     user_id = user_dir.name
     images, cases = _read_records(user_dir, sealer, report)
-    files = {p.stem: p for p in sorted(user_dir.iterdir()) if p.suffix in IMAGE_FILE_SUFFIXES and p.is_file()}
+    files = {p.stem: p for p in sorted(user_dir.iterdir()) if p.suffix in FILE_SUFFIXES and p.is_file()}
     present = {rec.get("image_id") for rec in store.list_images(user_id)}
     for image_id, (rec, where) in images.items():
         if image_id in present:
