@@ -20,41 +20,13 @@ import numpy as np
 
 from . import imaging, privacy
 from .config import ImagingConfig
+from .contract import CASE_FIELDS, REJECT_FIELDS, SUFFIXES, is_case_id, sanitize_user_id, validate_fields
 from .errors import BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
 from .storage import Store, StoredImage
 
 T = TypeVar("T")
-
-SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
-
-# Fields of a case record and the JSON type each must have (None is always
-# allowed: the old app sends nulls for fields the clinician left empty).
-# type[Any], not type: isinstance() then narrows a value to Any, not to object.
-_TEXT: tuple[type[Any], ...] = (str,)
-_NUMBER: tuple[type[Any], ...] = (int, float)
-CASE_FIELDS: dict[str, tuple[type[Any], ...]] = {
-    "case_id": _TEXT,
-    "image_id": _TEXT,
-    "blur_score": _NUMBER,
-    "predictions": (list,),
-    "device": _TEXT,
-    "notes": _TEXT,
-    "status": _TEXT,
-    "gender": _TEXT,
-    "age": _TEXT,
-    "location": _TEXT,
-    "symptoms": (list,),
-    "image_paths": (list,),
-    "created_at": _TEXT,
-}
-REJECT_FIELDS = {k: CASE_FIELDS[k] for k in (
-    "case_id", "notes", "predictions", "image_id", "gender", "age", "location", "symptoms", "image_paths", "created_at",
-)} | {"reason": _TEXT}
-# Set by the appliance, never taken from a client's body.
-SERVER_FIELDS = ("entry_type", "user_id", "user_role", "image_ids", "updated_at")
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -71,15 +43,6 @@ class Caller:
 def now_iso() -> str:
     """The current UTC time as ISO 8601, the format every stored timestamp uses."""
     return datetime.now(timezone.utc).isoformat()
-
-
-def is_case_id(value: str) -> bool:
-    """Case ids are decimal numbers as the counter writes them: digits, no leading zero, at most 18.
-
-    One spelling per id ("010000" would otherwise be a second case 10000), and
-    small enough for the stores' 64-bit counters.
-    """
-    return value.isascii() and value.isdigit() and len(value) <= 18 and (value == "0" or value[0] != "0")
 
 
 class Clinic:
@@ -269,35 +232,3 @@ def _strip(data: bytes, image_format: str) -> bytes:
     except privacy.MetadataError:
         # Storing it unstripped could keep a location the clinic asked to remove.
         raise BadRequest("Invalid image file") from None
-
-
-def sanitize_user_id(raw: str) -> str:
-    """Trim, then keep only letters, digits, '-' and '_' (the contract's X-User-Id rule)."""
-    return "".join(c for c in raw.strip() if (c.isascii() and c.isalnum()) or c in "-_")[:128]
-
-
-def validate_fields(body: dict[str, Any], fields: dict[str, tuple[type[Any], ...]]) -> dict[str, Any]:
-    """Check the known fields' types (coercing numbers to text where the app sends text).
-
-    Unknown keys are kept as given (the app sends e.g. `image_decisions`),
-    except the ones the appliance sets itself.
-    """
-    record: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in SERVER_FIELDS:
-            continue
-        expected = fields.get(key)
-        if expected is None or value is None:
-            record[key] = value
-            continue
-        if expected == _TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            kind = {_TEXT: "a string", _NUMBER: "a number"}.get(expected, "a list")
-            raise UnprocessableEntity(f"Field '{key}' must be {kind}")
-        if key in ("symptoms", "image_paths") and not all(isinstance(v, str) for v in value):
-            raise UnprocessableEntity(f"Field '{key}' must be a list of strings")
-        if key == "case_id" and not is_case_id(value):
-            raise BadRequest("Invalid case_id")
-        record[key] = value
-    return record

@@ -15,7 +15,8 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid head
 from . import loads_strict
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG, SYNC
-from ..services import Caller, sanitize_user_id
+from ..contract import case_id_text, sanitize_user_id
+from ..services import Caller
 
 routes = web.RouteTableDef()
 
@@ -154,7 +155,7 @@ async def next_case_id(request: web.Request) -> web.Response:
 async def release_case_id(request: web.Request) -> web.Response:
     who = caller(request)
     body = await json_body(request)
-    return web.json_response(await request.app[CLINIC].release_case_id(who, body.get("case_id")))
+    return web.json_response(await request.app[CLINIC].release_case_id(who, case_id_text(body.get("case_id"))))
 
 
 async def _log(request: web.Request, entry_type: str, message: str) -> web.Response:
@@ -183,11 +184,14 @@ async def log_reject(request: web.Request) -> web.Response:
     return await _log(request, "reject", "rejected_logged")
 
 
-@routes.put("/cases/{case_id}")
+# Not the fixed /cases/... paths: PUT on them is 405 (their method is POST), not an update of case "reject".
+@routes.put(r"/cases/{case_id:(?!(?:next-id|release-id|uncertain|reject)$)[^{}/]+}")
 async def update_case(request: web.Request) -> web.Response:
     who = caller(request)
     body = await json_body(request)
     case_id = request.match_info["case_id"]
+    if body.get("user_id") is not None and not isinstance(body["user_id"], str):
+        raise UnprocessableEntity("Field 'user_id' must be a string")
     await request.app[CLINIC].update_case(who, case_id, body)
     return web.json_response({"status": "ok", "case_id": case_id})
 
@@ -196,7 +200,7 @@ async def update_case(request: web.Request) -> web.Response:
 async def list_cases(request: web.Request) -> web.Response:
     who = caller(request)
     raw_limit = request.query.get("limit", "100").strip()
-    if not raw_limit.isdigit() or int(raw_limit) < 1:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or int(raw_limit) < 1:
         raise UnprocessableEntity("Query parameter 'limit' must be a positive whole number")
     cases = await request.app[CLINIC].list_cases(
         who,

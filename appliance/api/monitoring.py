@@ -25,7 +25,7 @@ from .. import __version__
 from ..keys import (
     API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC, TRIMMER,
 )
-from ..services import sanitize_user_id
+from ..contract import sanitize_user_id
 from .ops import served_path
 
 log = logging.getLogger("appliance.access")
