@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import privacy
+from .contract import SUFFIXES
 from .errors import ApplianceError, StoreError
 from .imaging import sniff
-from .services import SUFFIXES
 from .storage import CASE_ENTRY_TYPES, Store, StoredImage
 from .storage.crypto import MissingKey, Sealer, envelope_bytes, is_sealed_record, load_sealer, read_key_file
 from .storage.files import is_id

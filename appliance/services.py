@@ -9,19 +9,20 @@ call to the single store-writer thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 
 from . import imaging, privacy
 from .config import ImagingConfig
-from .contract import CASE_FIELDS, REJECT_FIELDS, SUFFIXES, is_case_id, sanitize_user_id, validate_fields
-from .errors import BadRequest, NotFound, UnprocessableEntity
+from .contract import CASE_FIELDS, IMAGE_FORMATS, REJECT_FIELDS, is_case_id, sanitize_user_id, validate_fields
+from .errors import ApplianceError, BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
 from .storage import Store, StoredImage
@@ -45,118 +46,198 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-class Clinic:
-    """The phone app's use cases on one model and one store."""
+@dataclass(frozen=True)
+class Prediction:
+    """One label and its probability."""
+
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A classified and stored photo: what `POST /check-image` answers with."""
+
+    image_id: str
+    case_id: str
+    caller: Caller
+    blur_score: float  # rounded to 2 places, as stored
+    blur_threshold: float
+    predictions: list[Prediction]  # every label, highest first
+    low_confidence: bool  # the top confidence is below imaging.conf_threshold
+    model: dict[str, Any]  # the served model's description
+
+    @property
+    def sharp(self) -> bool:
+        """Sharp enough: a blurry photo is still classified and stored, but marked so."""
+        return self.blur_score >= self.blur_threshold
+
+
+class Classifier:
+    """The classify use case of /check-image and KServe v2 alike: decode in the decode pool, infer via the scheduler."""
 
     def __init__(
         self,
         model: LoadedModel,
         scheduler: Scheduler,
-        store: Store,
-        imaging_config: ImagingConfig,
         *,
+        max_pixels: int,
         decode_executor: Executor,
-        store_executor: Executor,
-        strip_metadata: bool = True,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.model = model
         self.scheduler = scheduler
+        self.max_pixels = max_pixels
+        self.decode_executor = decode_executor
+        self.model_info = model.describe()
+        # Metrics hook: (stage, seconds) for decode and inference.
+        self.observe = observe or (lambda stage, seconds: None)
+
+    async def _decode(self, data: bytes, blur_full_resolution: bool) -> imaging.DecodedImage:
+        decoding = time.monotonic()
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            self.decode_executor,
+            functools.partial(
+                imaging.decode, data, self.model.manifest.preprocessing, max_pixels=self.max_pixels,
+                mode=self.model.served.decode, blur_full_resolution=blur_full_resolution,
+            ),
+        )
+        self.observe("decode", time.monotonic() - decoding)
+        return decoded
+
+    def _submit(self, tensor: np.ndarray) -> asyncio.Future[np.ndarray]:
+        started = time.monotonic()
+        inference = self.scheduler.submit(tensor)
+
+        def inferred(future: asyncio.Future[np.ndarray]) -> None:
+            # Timed when the answer comes, not when the request looks (it may be busy elsewhere);
+            # reading the exception also marks a failed batch's error as seen if the request fails too.
+            if not future.cancelled() and future.exception() is None:
+                self.observe("inference", time.monotonic() - started)
+
+        inference.add_done_callback(inferred)
+        return inference
+
+    async def start(
+        self, data: bytes, *, blur_full_resolution: bool
+    ) -> tuple[imaging.DecodedImage, asyncio.Future[np.ndarray]]:
+        """Decode one image and queue it; the future is its probabilities (cancel it to withdraw)."""
+        with self.scheduler.incoming():
+            decoded = await self._decode(data, blur_full_resolution)
+            return decoded, self._submit(decoded.tensor)  # queued before the announcement ends
+
+    async def classify_images(self, images: list[bytes]) -> np.ndarray:
+        """Probabilities [N, classes] of encoded images; the first bad one fails them all, naming its index."""
+        with self.scheduler.incoming():
+            decoded = await asyncio.gather(*(self._decode(data, False) for data in images), return_exceptions=True)
+            tensors = []
+            for index, result in enumerate(decoded):
+                if isinstance(result, ApplianceError):
+                    # One answer carries the whole batch, so a bad element cannot be answered on its own.
+                    result.detail = f"Input '{self.model.manifest.input_name}' element {index}: {result.detail}"
+                    raise result
+                if isinstance(result, BaseException):
+                    raise result
+                tensors.append(result.tensor)
+            return await self.classify_tensors(tensors)
+
+    async def classify_tensors(self, tensors: Iterable[np.ndarray]) -> np.ndarray:
+        """Probabilities [N, classes] of preprocessed images, each row through the scheduler (batching, queue limit)."""
+        futures: list[asyncio.Future[np.ndarray]] = []
+        try:
+            for tensor in tensors:
+                futures.append(self._submit(tensor))
+        except BaseException:  # a full queue: withdraw the rows already queued
+            for future in futures:
+                future.cancel()
+            raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        rows: list[np.ndarray] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            rows.append(result)
+        return np.stack(rows).astype("<f4")
+
+    def rank(self, probabilities: np.ndarray) -> list[Prediction]:
+        """Every label with its probability, highest first (the app reads element 0)."""
+        labels = self.model.manifest.labels
+        order = np.argsort(-probabilities, kind="stable")
+        return [Prediction(labels[i], round(float(probabilities[i]), 6)) for i in order]
+
+
+class Clinic:
+    """The phone app's use cases on one model and one store."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        store: Store,
+        imaging_config: ImagingConfig,
+        *,
+        store_executor: Executor,
+        strip_metadata: bool = True,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.classifier = classifier
         self.store = store
         self.imaging = imaging_config
-        self._decode_executor = decode_executor
         self._store_executor = store_executor
         self.strip_metadata = strip_metadata  # privacy.strip_metadata_on_store
-        self._model_info = model.describe()
-        # Metrics hook: (stage, seconds) for decode, inference and storage.
+        # Metrics hook: (stage, seconds) for storage (the classifier times decode and inference).
         self.observe = observe or (lambda stage, seconds: None)
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
 
-    async def check_image(self, caller: Caller, data: bytes, case_id: str | None) -> dict[str, Any]:
-        """Decode, score blur, classify and store one image; the contract's answer."""
+    async def check_image(self, caller: Caller, data: bytes, case_id: str | None) -> CheckedImage:
+        """Decode, score blur, classify and store one image."""
         if case_id is not None and not is_case_id(case_id):
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
-        loop = asyncio.get_running_loop()
-        decoding = time.monotonic()
-        with self.scheduler.incoming():
-            decoded = await loop.run_in_executor(
-                self._decode_executor,
-                lambda: imaging.decode(
-                    data,
-                    self.model.manifest.preprocessing,
-                    max_pixels=self.imaging.max_pixels,
-                    mode=self.model.served.decode,
-                    blur_full_resolution=self.imaging.blur_full_resolution,
-                ),
-            )
-            started = time.monotonic()
-            self.observe("decode", started - decoding)
-            inference = self.scheduler.submit(decoded.tensor)  # queued before the announcement ends
-
-        def inferred(future: asyncio.Future[np.ndarray]) -> None:
-            # Timed when the answer comes, not when this request looks (the strip may still run);
-            # reading the exception also marks a failed batch's error as seen if the strip fails too.
-            if not future.cancelled() and future.exception() is None:
-                self.observe("inference", time.monotonic() - started)
-
-        inference.add_done_callback(inferred)
+        decoded, inference = await self.classifier.start(data, blur_full_resolution=self.imaging.blur_full_resolution)
         # Stripped while the model runs, after decoding read the orientation from the
         # original (stripping keeps it anyway); what is stored and counted is the stripped copy.
         if self.strip_metadata:
             try:
-                data = await loop.run_in_executor(self._decode_executor, _strip, data, image_format)
+                data = await asyncio.get_running_loop().run_in_executor(
+                    self.classifier.decode_executor, _strip, data, image_format)
             except BaseException:
                 inference.cancel()
                 raise
-        probabilities = await inference
-        predictions = self.rank(probabilities)
+        predictions = self.classifier.rank(await inference)
         case_id = await self._case_id_for(caller, case_id)
-        blur_score = round(float(decoded.blur_score), 2)
-        threshold = self.imaging.blur_threshold
-        sharp = blur_score >= threshold
-        image_id = str(uuid.uuid4())
+        checked = CheckedImage(
+            image_id=str(uuid.uuid4()),
+            case_id=case_id,
+            caller=caller,
+            blur_score=round(float(decoded.blur_score), 2),
+            blur_threshold=self.imaging.blur_threshold,
+            predictions=predictions,
+            low_confidence=predictions[0].confidence < self.imaging.conf_threshold,
+            model=self.classifier.model_info,
+        )
         record = {
             "case_id": case_id,
-            "image_id": image_id,
-            "blur_score": blur_score,
-            "predictions": predictions,
-            "status": "success" if sharp else "fail",
+            "image_id": checked.image_id,
+            "blur_score": checked.blur_score,
+            "predictions": [asdict(p) for p in predictions],
+            "status": "success" if checked.sharp else "fail",
             "created_at": now_iso(),
             "user_id": caller.user_id,
             "user_role": caller.role,
-            "low_confidence": predictions[0]["confidence"] < self.imaging.conf_threshold,
-            "model": self._model_info,
+            "low_confidence": checked.low_confidence,
+            "model": checked.model,
             "format": image_format,
             "width": decoded.width,
             "height": decoded.height,
             "bytes": len(data),
         }
-        stored = StoredImage(image_id=image_id, data=data, suffix=SUFFIXES[image_format])
+        stored = StoredImage(image_id=checked.image_id, data=data, suffix=IMAGE_FORMATS[image_format].suffix)
         started = time.monotonic()
         await self._in_store(self.store.save_image, caller.user_id, stored, record)
         self.observe("storage", time.monotonic() - started)
-        message = "Image processed" if sharp else f"Image is too blurry (score={blur_score:.2f}, threshold={threshold})"
-        return {
-            "status": record["status"],
-            "message": message,
-            "blur_score": blur_score,
-            "predictions": predictions,
-            "image_id": image_id,
-            "case_id": case_id,
-            "user_id": caller.user_id,
-            "user_role": caller.role,
-            "low_confidence": record["low_confidence"],
-            "model": self._model_info,
-        }
-
-    def rank(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        """Every label with its probability, highest first (the app reads element 0)."""
-        labels = self.model.manifest.labels
-        order = np.argsort(-probabilities, kind="stable")
-        return [{"label": labels[i], "confidence": round(float(probabilities[i]), 6)} for i in order]
+        return checked
 
     async def _case_id_for(self, caller: Caller, case_id: str | None) -> str:
         """The client's case id, with the counter moved past it so it is never issued again; else the next id."""

@@ -13,10 +13,11 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
 from . import loads_strict
+from .policy import Policy, route_policy
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG, SYNC
 from ..contract import case_id_text, sanitize_user_id
-from ..services import Caller
+from ..services import Caller, CheckedImage
 
 routes = web.RouteTableDef()
 
@@ -36,7 +37,7 @@ T = TypeVar("T")
 
 async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
     """`reading`, or 408 when the client has not sent its body within `server.body_timeout_s`."""
-    timeout_s = request.app[CONFIG].server.body_timeout_s
+    timeout_s = request.config_dict[CONFIG].server.body_timeout_s
     try:
         return await asyncio.wait_for(reading, timeout_s)
     except asyncio.TimeoutError:
@@ -128,6 +129,7 @@ def _flag(request: web.Request, name: str, default: bool) -> bool:
 
 
 @routes.get("/health")
+@route_policy(Policy.PROBE)
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -142,7 +144,27 @@ async def check_image(request: web.Request) -> web.Response:
     case_id = request.query.get("case_id", "").strip() or form_case_id or None
     checking = request.app[CLINIC].check_image(who, data, case_id)
     del data  # the clinic holds the only reference: the original is freed once its stripped copy is made
-    return web.json_response(await checking)
+    return web.json_response(render_checked(await checking))
+
+
+def render_checked(checked: CheckedImage) -> dict[str, Any]:
+    """The contract's answer to `POST /check-image` (the app reads status, message, blur_score, predictions, ids)."""
+    if checked.sharp:
+        message = "Image processed"
+    else:
+        message = f"Image is too blurry (score={checked.blur_score:.2f}, threshold={checked.blur_threshold})"
+    return {
+        "status": "success" if checked.sharp else "fail",
+        "message": message,
+        "blur_score": checked.blur_score,
+        "predictions": [{"label": p.label, "confidence": p.confidence} for p in checked.predictions],
+        "image_id": checked.image_id,
+        "case_id": checked.case_id,
+        "user_id": checked.caller.user_id,
+        "user_role": checked.caller.role,
+        "low_confidence": checked.low_confidence,
+        "model": checked.model,
+    }
 
 
 @routes.post("/cases/next-id")

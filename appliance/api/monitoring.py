@@ -27,6 +27,7 @@ from ..keys import (
 )
 from ..contract import sanitize_user_id
 from .ops import served_path
+from .policy import Policy, policy_of, route_policy
 
 log = logging.getLogger("appliance.access")
 
@@ -40,10 +41,6 @@ STATIC = {
     "/static/status.css": ("status.css", "text/css"),
     "/static/status.js": ("status.js", "application/javascript"),
 }
-PUBLIC_PATHS = frozenset(STATIC)
-# Probes and monitoring: logged at DEBUG and left out of the status page's
-# "recent requests", so a 5-second poll does not drown the clinic's traffic.
-QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics", "/v1/status", *STATIC})
 # Only the page's own origin; no inline script or style, nothing from elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -91,11 +88,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[STATE].requests_in_progress -= 1
         seconds = time.monotonic() - started
         route = route_of(request)
+        quiet = Policy.QUIET in policy_of(request)
         metrics.requests.labels(route, request.method, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
-        if route not in QUIET_ROUTES:
+        if not quiet:
             metrics.recent.add(seconds, status)
-        log.log(logging.DEBUG if route in QUIET_ROUTES else logging.INFO,
+        log.log(logging.DEBUG if quiet else logging.INFO,
                 "%s %s %d %.1fms", request.method, route, status, seconds * 1000.0,
                 extra={"fields": {
                     "request_id": request_id, "method": request.method, "route": route, "status": status,
@@ -150,6 +148,7 @@ def _sync_status(app: web.Application) -> dict[str, Any] | None:
 
 
 @routes.get("/metrics")
+@route_policy(Policy.QUIET)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of this app's registry."""
     app = request.app
@@ -158,6 +157,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/status")
+@route_policy(Policy.QUIET)
 async def status(request: web.Request) -> web.Response:
     """The status page's figures: no patient data, only counts, timings and identities of software."""
     app = request.app
@@ -188,4 +188,4 @@ def _page_handler(filename: str, content_type: str) -> Handler:
 
 
 for _path, (_file, _type) in STATIC.items():
-    routes.get(_path)(_page_handler(_file, _type))
+    routes.get(_path)(route_policy(Policy.PUBLIC | Policy.QUIET)(_page_handler(_file, _type)))

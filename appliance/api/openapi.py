@@ -18,9 +18,10 @@ from aiohttp import web
 
 from .. import __version__
 from ..contract import (
-    CASE_FIELDS, CASE_ID_PATTERN, CASE_ID_SCHEMA, IMAGE_FORMATS, REJECT_FIELDS, UPDATE_FIELDS, USER_ID_PATTERN, record_schema,
+    CASE_FIELDS, CASE_ID_SCHEMA, IMAGE_FORMATS, REJECT_FIELDS, UPDATE_FIELDS, USER_ID_PATTERN, record_schema,
 )
 from ..keys import CONFIG, MODEL
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 
@@ -364,7 +365,9 @@ def document_text(model_name: str, model_version: str, served: Served = Served()
     return json.dumps(document(model_name, model_version, served))
 
 
-def document(model_name: str = "ham10000-resnet50", model_version: str = "1", served: Served = Served()) -> dict[str, Any]:
+def document(
+    model_name: str = "ham10000-resnet50", model_version: str = "1", served: Served = Served()
+) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh copy) for the served model."""
     schemas = copy.deepcopy(SCHEMAS)
     schemas["V2InferenceRequest"] = _infer_request(served.input_name, served.output_name, served.crop, served.max_rows)
@@ -396,6 +399,7 @@ def document(model_name: str = "ham10000-resnet50", model_version: str = "1", se
 
 
 @routes.get("/openapi.json")
+@route_policy(Policy.PUBLIC)
 async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI document of this appliance (no API key needed)."""
     manifest = request.app[MODEL].manifest

@@ -13,11 +13,13 @@ from ..inference.model import LoadedModel
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
 from ..keys import SYNC
 from ..sync.status import disabled_status
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/ready")
+@route_policy(Policy.PROBE)
 async def ready(request: web.Request) -> web.Response:
     """200 once the model is loaded, warmed and self-checked and the store answers; else 503."""
     app = request.app
