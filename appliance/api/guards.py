@@ -25,7 +25,7 @@ from ..security import presented_key
 from .policy import Policy, policy_of
 
 if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls
-    from aiohttp.typedefs import Handler, Middleware
+    from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 

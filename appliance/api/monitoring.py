@@ -21,12 +21,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .. import __version__
-from ..keys import (
-    API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC, TRIMMER,
-)
 from ..contract import sanitize_user_id
-from .ops import served_path
+from ..keys import API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
+from .ops import running_facts
 from .policy import Policy, policy_of, route_policy
 
 log = logging.getLogger("appliance.access")
@@ -108,22 +105,14 @@ def _user(request: web.Request) -> str | None:
 
 
 async def gather_facts(app: web.Application) -> dict[str, Any]:
-    """What /metrics and /v1/status report, read now: model, queue, store, sync."""
-    config = app[CONFIG]
-    state = app[STATE]
-    facts: dict[str, Any] = {"uptime_s": round(time.time() - state.started_at, 1), "ready": state.ready,
-                             "bodies_in_progress": app[BODY_SLOTS].in_use}
+    """What /metrics and /v1/status report, read now: `running_facts`, and the store's and the process's figures."""
+    running = running_facts(app)
+    facts: dict[str, Any] = {**running, "uptime_s": running["appliance"]["uptime_s"],
+                             "ready": running["appliance"]["ready"], "bodies_in_progress": app[BODY_SLOTS].in_use}
     if TRIMMER in app:
         facts["memory_trims"] = app[TRIMMER].trims
-    if MODEL in app:
-        facts["model"] = app[MODEL].describe()
-    if SCHEDULER in app:
-        scheduler = app[SCHEDULER]
-        facts["inference"] = {"queue_depth": scheduler.depth, "queue_size": config.inference.queue_size,
-                              "batches": scheduler.batches, "images": scheduler.images}
     if STORE in app:
         facts["storage"] = await asyncio.get_running_loop().run_in_executor(app[EXECUTORS].store, _store_figures, app)
-    facts["sync"] = _sync_status(app)
     return facts
 
 
@@ -139,12 +128,6 @@ def _store_figures(app: web.Application) -> dict[str, Any]:
     except OSError:
         pass
     return figures
-
-
-def _sync_status(app: web.Application) -> dict[str, Any] | None:
-    """The sync worker's figures (kept current by the worker: no I/O), or None when sync is off."""
-    worker = app.get(SYNC)
-    return None if worker is None else worker.status()
 
 
 @routes.get("/metrics")
@@ -163,12 +146,11 @@ async def status(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
     facts = await gather_facts(app)
-    running = app[MODEL].runtime.describe() if MODEL in app else {}
     return web.json_response({
-        "appliance": {"version": __version__, "uptime_s": facts["uptime_s"], "ready": facts["ready"]},
+        "appliance": facts["appliance"],
         "model": facts.get("model"),
-        "served_path": served_path(app[MODEL]) if MODEL in app else None,
-        "runtime": running,
+        "served_path": facts.get("served_path"),
+        "runtime": facts.get("runtime", {}),
         "recent": app[METRICS].recent.summary(),
         "inference": facts.get("inference"),
         "storage": {"backend": config.storage.backend, **(facts.get("storage") or {})},

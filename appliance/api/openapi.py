@@ -101,7 +101,8 @@ SCHEMAS: dict[str, Schema] = {
         ("status", "checks", "store"),
     ),
     "Info": _obj(
-        {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}}, ("version", "uptime_s")),
+        {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}, "ready": {"type": "boolean"}},
+                           ("version", "uptime_s")),
          "model": _ref("ModelInfo"), "labels": {"type": "array", "items": _text()}, "runtime": {"type": "object"},
          "selfcheck": {"type": "object"}, "inference": {"type": "object"}, "imaging": {"type": "object"},
          "storage": {"type": "object"}},
