@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 def _error_body(request: web.Request, detail: str) -> dict[str, str]:
     """`{"detail": ...}` (the clinic contract), or the error field of the sub-app that answers (KServe: "error")."""
     return {request.match_info.apps[-1].get(ERROR_FIELD, "detail"): detail}

@@ -12,12 +12,12 @@ from typing import Any, Awaitable, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
-from . import loads_strict
-from .policy import Policy, route_policy
+from ..contract import case_id_text, sanitize_user_id
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG, SYNC
-from ..contract import case_id_text, sanitize_user_id
 from ..services import Caller, CheckedImage
+from . import loads_strict
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 

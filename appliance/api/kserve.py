@@ -3,9 +3,10 @@
 The model's one input takes either a preprocessed FP32 tensor [N, 3, 224, 224]
 or, like OpenVINO Model Server, a BYTES tensor [N] of encoded images that the
 appliance decodes with its own pipeline (JSON carries them base64-encoded; the
-binary tensor data extension carries them raw). Every row goes through the
-app's scheduler, so batching, the queue limit (503) and the single inference
-thread hold as for the clinic API. Results are not stored: the clinic contract
+binary tensor data extension carries them raw). Every row goes through
+`services.Classifier`, the classify use case of `POST /check-image` too, so
+decoding, batching, the queue limit (503) and the single inference thread hold
+as for the clinic API. Results are not stored: the clinic contract
 (`POST /check-image`) is the path that keeps images and decisions.
 
 Mounted as a sub-app under /v2 whose errors are `{"error": ...}` (the
