@@ -47,8 +47,6 @@ MODEL = web.AppKey("model", LoadedModel)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 CLASSIFIER = web.AppKey("classifier", Classifier)
 CLINIC = web.AppKey("clinic", Clinic)
-# Set on a sub-app whose protocol names its error field otherwise (KServe v2: "error"); else "detail".
-ERROR_FIELD = web.AppKey("error_field", str)
 
 # Hardening and monitoring (appliance/security.py, limits.py, metrics.py).
 API_KEYS = web.AppKey("api_keys", ApiKeys)
@@ -60,3 +58,6 @@ TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library canno
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY_NAME = web.RequestKey("key_name", str)
 SYNC = web.AppKey("sync", SyncWorker)  # present only when sync.enabled
+
+# Set on a sub-app whose protocol names its error field otherwise (KServe v2: "error"); else "detail".
+ERROR_FIELD = web.AppKey("error_field", str)

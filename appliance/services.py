@@ -13,7 +13,7 @@ import functools
 import time
 import uuid
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -73,25 +73,23 @@ class CheckedImage:
         return self.blur_score >= self.blur_threshold
 
 
+def _unobserved(stage: str, seconds: float) -> None:
+    """The default metrics hook: the timings go nowhere."""
+
+
+@dataclass
 class Classifier:
     """The classify use case of /check-image and KServe v2 alike: decode in the decode pool, infer via the scheduler."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        scheduler: Scheduler,
-        *,
-        max_pixels: int,
-        decode_executor: Executor,
-        observe: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.model = model
-        self.scheduler = scheduler
-        self.max_pixels = max_pixels
-        self.decode_executor = decode_executor
-        self.model_info = model.describe()
-        # Metrics hook: (stage, seconds) for decode and inference.
-        self.observe = observe or (lambda stage, seconds: None)
+    model: LoadedModel
+    scheduler: Scheduler
+    max_pixels: int  # imaging.max_pixels
+    decode_executor: Executor
+    observe: Callable[[str, float], None] = _unobserved  # metrics hook: (stage, seconds) for decode and inference
+    model_info: dict[str, Any] = field(init=False)  # the served model's description, read once
+
+    def __post_init__(self) -> None:
+        self.model_info = self.model.describe()
 
     async def _decode(self, data: bytes, blur_full_resolution: bool) -> imaging.DecodedImage:
         decoding = time.monotonic()
@@ -185,7 +183,7 @@ class Clinic:
         self._store_executor = store_executor
         self.strip_metadata = strip_metadata  # privacy.strip_metadata_on_store
         # Metrics hook: (stage, seconds) for storage (the classifier times decode and inference).
-        self.observe = observe or (lambda stage, seconds: None)
+        self.observe = observe or _unobserved
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
