@@ -26,35 +26,30 @@ from .errors import ApplianceError, PayloadTooLarge
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import (
-    API_KEYS, BODY_SLOTS, CLINIC, CONFIG, EXECUTORS, METRICS, MODEL, RATE_LIMITER, SCHEDULER, STATE, STORE, SYNC,
-    TRIMMER, Executors, State,
+    API_KEYS, BODY_SLOTS, CLASSIFIER, CLINIC, CONFIG, ERROR_FIELD, EXECUTORS, METRICS, MODEL, RATE_LIMITER,
+    SCHEDULER, STATE, STORE, SYNC, TRIMMER, Executors, State,
 )
 from .limits import BodySlots, RateLimiter
 from .memory import IdleTrimmer, find_malloc_trim
 from .metrics import Metrics
 from .modelfetch import model_source
 from .security import ApiKeys, load_api_keys
-from .services import Clinic
+from .services import Classifier, Clinic
 from .storage import open_configured_store
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Reachable without an API key: liveness and readiness probes, and the API description.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready", "/openapi.json"})
-
 
 def _error_body(request: web.Request, detail: str) -> dict[str, str]:
-    """`{"detail": ...}` (the clinic contract), but `{"error": ...}` on KServe v2 paths (its protocol)."""
-    if request.path == "/v2" or request.path.startswith("/v2/"):
-        return {"error": detail}
-    return {"detail": detail}
+    """`{"detail": ...}` (the clinic contract), or the error field of the sub-app that answers (KServe: "error")."""
+    return {request.match_info.apps[-1].get(ERROR_FIELD, "detail"): detail}
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON `{"detail": ...}`; never a stack trace."""
+    """Render every error as JSON in its API's shape (`{"detail": ...}`; KServe `{"error": ...}`), never a traceback."""
     try:
         return await handler(request)
     except ApplianceError as exc:
@@ -86,7 +81,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
         middlewares=[
             monitoring.request_middleware,  # outermost: sees the final status of every answer
             error_middleware,
-            guards.auth_middleware(PUBLIC_PATHS | monitoring.PUBLIC_PATHS),
+            guards.auth_middleware,
             guards.rate_limit_middleware,
             guards.body_slots_middleware,
         ],
@@ -102,7 +97,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     app.add_routes(monitoring.routes)
     app.add_routes(clinic.routes)
     app.add_routes(ops.routes)
-    app.add_routes(kserve.routes)
+    app.add_subapp(kserve.PREFIX, kserve.create_kserve_app())
     app.add_routes(openapi.routes)
     app.cleanup_ctx.extend([_executors, _model, _scheduler, _store, _sync, _clinic, _memory])
     app.on_shutdown.append(_not_ready)
@@ -169,14 +164,21 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
 
 async def _clinic(app: web.Application) -> AsyncIterator[None]:
     executors = app[EXECUTORS]
-    app[CLINIC] = Clinic(
+    config = app[CONFIG]
+    classifier = Classifier(
         app[MODEL],
         app[SCHEDULER],
-        app[STORE],
-        app[CONFIG].imaging,
+        max_pixels=config.imaging.max_pixels,
         decode_executor=executors.decode,
+        observe=app[METRICS].observe_stage,
+    )
+    app[CLASSIFIER] = classifier
+    app[CLINIC] = Clinic(
+        classifier,
+        app[STORE],
+        config.imaging,
         store_executor=executors.store,
-        strip_metadata=app[CONFIG].privacy.strip_metadata_on_store,
+        strip_metadata=config.privacy.strip_metadata_on_store,
         observe=app[METRICS].observe_stage,
     )
     app[STATE].ready = True

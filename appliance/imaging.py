@@ -48,9 +48,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
+from appliance.contract import IMAGE_FORMATS
 from appliance.errors import BadRequest, ModelError, PayloadTooLarge, UnsupportedMediaType
-
-ACCEPTED_FORMATS = ("jpeg", "png", "webp")
 
 # How a served path decodes: "fast" (DCT-scaled JPEG decode when large) or "exact" (whole).
 DecodeMode = Literal["fast", "exact"]
@@ -138,7 +137,7 @@ class Preprocessing:
 class DecodedImage:
     """A decoded, EXIF-oriented RGB image, possibly reduced, with its blur score."""
 
-    format: str  # one of ACCEPTED_FORMATS
+    format: str  # a key of contract.IMAGE_FORMATS
     width: int  # of the full image, after EXIF orientation
     height: int
     blur_score: float
@@ -157,7 +156,8 @@ def sniff(data: bytes) -> str:
         return "webp"
     kind = _other_image_kind(data)
     if kind is not None:
-        raise UnsupportedMediaType(f"Unsupported image type: {kind}. Accepted types: JPEG, PNG, WebP")
+        accepted = ", ".join(fmt.label for fmt in IMAGE_FORMATS.values())
+        raise UnsupportedMediaType(f"Unsupported image type: {kind}. Accepted types: {accepted}")
     raise BadRequest(_INVALID)
 
 

@@ -15,7 +15,7 @@ from .limits import BodySlots, RateLimiter
 from .memory import IdleTrimmer
 from .metrics import Metrics
 from .security import ApiKeys
-from .services import Clinic
+from .services import Classifier, Clinic
 from .storage import Store
 from .sync.worker import SyncWorker
 
@@ -45,6 +45,7 @@ EXECUTORS = web.AppKey("executors", Executors)
 STORE = web.AppKey("store", Store)
 MODEL = web.AppKey("model", LoadedModel)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+CLASSIFIER = web.AppKey("classifier", Classifier)
 CLINIC = web.AppKey("clinic", Clinic)
 
 # Hardening and monitoring (appliance/security.py, limits.py, metrics.py).
@@ -57,3 +58,6 @@ TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library canno
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY_NAME = web.RequestKey("key_name", str)
 SYNC = web.AppKey("sync", SyncWorker)  # present only when sync.enabled
+
+# Set on a sub-app whose protocol names its error field otherwise (KServe v2: "error"); else "detail".
+ERROR_FIELD = web.AppKey("error_field", str)

@@ -21,9 +21,9 @@ from typing import Any
 
 from . import privacy
 from .cases import list_cases, log_case, raise_case_counter
+from .contract import SUFFIXES
 from .errors import ApplianceError, StoreError
 from .imaging import sniff
-from .services import SUFFIXES
 from .storage import CASE_ENTRY_TYPES, Store, StoredImage
 from .storage.crypto import MissingKey, Sealer, envelope_bytes, is_sealed_record, load_sealer, read_key_file
 

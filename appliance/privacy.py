@@ -23,6 +23,8 @@ import re
 import struct
 import zlib
 
+from .contract import ACCEPTED_FORMATS
+
 _EXIF_HEADER = b"Exif\x00\x00"
 _ORIENTATION_TAG = 0x0112
 
@@ -56,7 +58,7 @@ def strip_metadata(data: bytes, fmt: str) -> bytes:
         return _strip_png(bytes(data))
     if fmt == "webp":
         return _strip_webp(bytes(data))
-    raise ValueError(f"strip_metadata: expected one of jpeg, png, webp; got {fmt!r}")
+    raise ValueError(f"strip_metadata: expected one of {', '.join(ACCEPTED_FORMATS)}; got {fmt!r}")
 
 
 def exif_orientation(tiff: bytes) -> int:

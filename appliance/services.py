@@ -9,52 +9,25 @@ call to the single store-writer thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 
 from . import cases, imaging, privacy
 from .config import ImagingConfig
-from .errors import BadRequest, NotFound, UnprocessableEntity
+from .contract import CASE_FIELDS, IMAGE_FORMATS, REJECT_FIELDS, is_case_id, sanitize_user_id, validate_fields
+from .errors import ApplianceError, BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
 from .storage import Store, StoredImage
 
 T = TypeVar("T")
-
-SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
-
-# Fields of a case record and the JSON type each must have (None is always
-# allowed: the old app sends nulls for fields the clinician left empty).
-# type[Any], not type: isinstance() then narrows a value to Any, not to object.
-_TEXT: tuple[type[Any], ...] = (str,)
-_NUMBER: tuple[type[Any], ...] = (int, float)
-CASE_FIELDS: dict[str, tuple[type[Any], ...]] = {
-    "case_id": _TEXT,
-    "image_id": _TEXT,
-    "blur_score": _NUMBER,
-    "predictions": (list,),
-    "device": _TEXT,
-    "notes": _TEXT,
-    "status": _TEXT,
-    "gender": _TEXT,
-    "age": _TEXT,
-    "location": _TEXT,
-    "symptoms": (list,),
-    "image_paths": (list,),
-    "created_at": _TEXT,
-}
-REJECT_FIELDS = {k: CASE_FIELDS[k] for k in (
-    "case_id", "notes", "predictions", "image_id", "gender", "age", "location", "symptoms", "image_paths", "created_at",
-)} | {"reason": _TEXT}
-# Set by the appliance, never taken from a client's body.
-SERVER_FIELDS = ("entry_type", "user_id", "user_role", "image_ids", "updated_at")
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -73,13 +46,122 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def is_case_id(value: str) -> bool:
-    """Case ids are decimal numbers as the counter writes them: digits, no leading zero, at most 18.
+@dataclass(frozen=True)
+class Prediction:
+    """One label and its probability."""
 
-    One spelling per id ("010000" would otherwise be a second case 10000), and
-    small enough for the stores' 64-bit counters.
-    """
-    return value.isascii() and value.isdigit() and len(value) <= 18 and (value == "0" or value[0] != "0")
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A classified and stored photo: what `POST /check-image` answers with."""
+
+    image_id: str
+    case_id: str
+    caller: Caller
+    blur_score: float  # rounded to 2 places, as stored
+    blur_threshold: float
+    predictions: list[Prediction]  # every label, highest first
+    low_confidence: bool  # the top confidence is below imaging.conf_threshold
+    model: dict[str, Any]  # the served model's description
+
+    @property
+    def sharp(self) -> bool:
+        """Sharp enough: a blurry photo is still classified and stored, but marked so."""
+        return self.blur_score >= self.blur_threshold
+
+
+def _unobserved(stage: str, seconds: float) -> None:
+    """The default metrics hook: the timings go nowhere."""
+
+
+@dataclass
+class Classifier:
+    """The classify use case of /check-image and KServe v2 alike: decode in the decode pool, infer via the scheduler."""
+
+    model: LoadedModel
+    scheduler: Scheduler
+    max_pixels: int  # imaging.max_pixels
+    decode_executor: Executor
+    observe: Callable[[str, float], None] = _unobserved  # metrics hook: (stage, seconds) for decode and inference
+    model_info: dict[str, Any] = field(init=False)  # the served model's description, read once
+
+    def __post_init__(self) -> None:
+        self.model_info = self.model.describe()
+
+    async def _decode(self, data: bytes, blur_full_resolution: bool) -> imaging.DecodedImage:
+        decoding = time.monotonic()
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            self.decode_executor,
+            functools.partial(
+                imaging.decode, data, self.model.manifest.preprocessing, max_pixels=self.max_pixels,
+                mode=self.model.served.decode, blur_full_resolution=blur_full_resolution,
+            ),
+        )
+        self.observe("decode", time.monotonic() - decoding)
+        return decoded
+
+    def _submit(self, tensor: np.ndarray) -> asyncio.Future[np.ndarray]:
+        started = time.monotonic()
+        inference = self.scheduler.submit(tensor)
+
+        def inferred(future: asyncio.Future[np.ndarray]) -> None:
+            # Timed when the answer comes, not when the request looks (it may be busy elsewhere);
+            # reading the exception also marks a failed batch's error as seen if the request fails too.
+            if not future.cancelled() and future.exception() is None:
+                self.observe("inference", time.monotonic() - started)
+
+        inference.add_done_callback(inferred)
+        return inference
+
+    async def start(
+        self, data: bytes, *, blur_full_resolution: bool
+    ) -> tuple[imaging.DecodedImage, asyncio.Future[np.ndarray]]:
+        """Decode one image and queue it; the future is its probabilities (cancel it to withdraw)."""
+        with self.scheduler.incoming():
+            decoded = await self._decode(data, blur_full_resolution)
+            return decoded, self._submit(decoded.tensor)  # queued before the announcement ends
+
+    async def classify_images(self, images: list[bytes]) -> np.ndarray:
+        """Probabilities [N, classes] of encoded images; the first bad one fails them all, naming its index."""
+        with self.scheduler.incoming():
+            decoded = await asyncio.gather(*(self._decode(data, False) for data in images), return_exceptions=True)
+            tensors = []
+            for index, result in enumerate(decoded):
+                if isinstance(result, ApplianceError):
+                    # One answer carries the whole batch, so a bad element cannot be answered on its own.
+                    result.detail = f"Input '{self.model.manifest.input_name}' element {index}: {result.detail}"
+                    raise result
+                if isinstance(result, BaseException):
+                    raise result
+                tensors.append(result.tensor)
+            return await self.classify_tensors(tensors)
+
+    async def classify_tensors(self, tensors: Iterable[np.ndarray]) -> np.ndarray:
+        """Probabilities [N, classes] of preprocessed images, each row through the scheduler (batching, queue limit)."""
+        futures: list[asyncio.Future[np.ndarray]] = []
+        try:
+            for tensor in tensors:
+                futures.append(self._submit(tensor))
+        except BaseException:  # a full queue: withdraw the rows already queued
+            for future in futures:
+                future.cancel()
+            raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        rows: list[np.ndarray] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            rows.append(result)
+        return np.stack(rows).astype("<f4")
+
+    def rank(self, probabilities: np.ndarray) -> list[Prediction]:
+        """Every label with its probability, highest first (the app reads element 0)."""
+        labels = self.model.manifest.labels
+        order = np.argsort(-probabilities, kind="stable")
+        return [Prediction(labels[i], round(float(probabilities[i]), 6)) for i in order]
 
 
 class Clinic:
@@ -87,113 +169,73 @@ class Clinic:
 
     def __init__(
         self,
-        model: LoadedModel,
-        scheduler: Scheduler,
+        classifier: Classifier,
         store: Store,
         imaging_config: ImagingConfig,
         *,
-        decode_executor: Executor,
         store_executor: Executor,
         strip_metadata: bool = True,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
-        self.model = model
-        self.scheduler = scheduler
+        self.classifier = classifier
         self.store = store
         self.imaging = imaging_config
-        self._decode_executor = decode_executor
         self._store_executor = store_executor
         self.strip_metadata = strip_metadata  # privacy.strip_metadata_on_store
-        self._model_info = model.describe()
-        # Metrics hook: (stage, seconds) for decode, inference and storage.
-        self.observe = observe or (lambda stage, seconds: None)
+        # Metrics hook: (stage, seconds) for storage (the classifier times decode and inference).
+        self.observe = observe or _unobserved
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
 
-    async def check_image(self, caller: Caller, data: bytes, case_id: str | None) -> dict[str, Any]:
-        """Decode, score blur, classify and store one image; the contract's answer."""
+    async def check_image(self, caller: Caller, data: bytes, case_id: str | None) -> CheckedImage:
+        """Decode, score blur, classify and store one image."""
         if case_id is not None and not is_case_id(case_id):
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
-        loop = asyncio.get_running_loop()
-        decoding = time.monotonic()
-        with self.scheduler.incoming():
-            decoded = await loop.run_in_executor(
-                self._decode_executor,
-                lambda: imaging.decode(
-                    data,
-                    self.model.manifest.preprocessing,
-                    max_pixels=self.imaging.max_pixels,
-                    mode=self.model.served.decode,
-                    blur_full_resolution=self.imaging.blur_full_resolution,
-                ),
-            )
-            started = time.monotonic()
-            self.observe("decode", started - decoding)
-            inference = self.scheduler.submit(decoded.tensor)  # queued before the announcement ends
-
-        def inferred(future: asyncio.Future[np.ndarray]) -> None:
-            # Timed when the answer comes, not when this request looks (the strip may still run);
-            # reading the exception also marks a failed batch's error as seen if the strip fails too.
-            if not future.cancelled() and future.exception() is None:
-                self.observe("inference", time.monotonic() - started)
-
-        inference.add_done_callback(inferred)
+        decoded, inference = await self.classifier.start(data, blur_full_resolution=self.imaging.blur_full_resolution)
         # Stripped while the model runs, after decoding read the orientation from the
         # original (stripping keeps it anyway); what is stored and counted is the stripped copy.
         if self.strip_metadata:
             try:
-                data = await loop.run_in_executor(self._decode_executor, _strip, data, image_format)
+                data = await asyncio.get_running_loop().run_in_executor(
+                    self.classifier.decode_executor, _strip, data, image_format)
             except BaseException:
                 inference.cancel()
                 raise
-        probabilities = await inference
-        predictions = self.rank(probabilities)
+        predictions = self.classifier.rank(await inference)
         case_id = await self._case_id_for(caller, case_id)
-        blur_score = round(float(decoded.blur_score), 2)
-        threshold = self.imaging.blur_threshold
-        sharp = blur_score >= threshold
-        image_id = str(uuid.uuid4())
+        checked = CheckedImage(
+            image_id=str(uuid.uuid4()),
+            case_id=case_id,
+            caller=caller,
+            blur_score=round(float(decoded.blur_score), 2),
+            blur_threshold=self.imaging.blur_threshold,
+            predictions=predictions,
+            low_confidence=predictions[0].confidence < self.imaging.conf_threshold,
+            model=self.classifier.model_info,
+        )
         record = {
             "case_id": case_id,
-            "image_id": image_id,
-            "blur_score": blur_score,
-            "predictions": predictions,
-            "status": "success" if sharp else "fail",
+            "image_id": checked.image_id,
+            "blur_score": checked.blur_score,
+            "predictions": [asdict(p) for p in predictions],
+            "status": "success" if checked.sharp else "fail",
             "created_at": now_iso(),
             "user_id": caller.user_id,
             "user_role": caller.role,
-            "low_confidence": predictions[0]["confidence"] < self.imaging.conf_threshold,
-            "model": self._model_info,
+            "low_confidence": checked.low_confidence,
+            "model": checked.model,
             "format": image_format,
             "width": decoded.width,
             "height": decoded.height,
             "bytes": len(data),
         }
-        stored = StoredImage(image_id=image_id, data=data, suffix=SUFFIXES[image_format])
+        stored = StoredImage(image_id=checked.image_id, data=data, suffix=IMAGE_FORMATS[image_format].suffix)
         started = time.monotonic()
         await self._in_store(self.store.save_image, caller.user_id, stored, record)
         self.observe("storage", time.monotonic() - started)
-        message = "Image processed" if sharp else f"Image is too blurry (score={blur_score:.2f}, threshold={threshold})"
-        return {
-            "status": record["status"],
-            "message": message,
-            "blur_score": blur_score,
-            "predictions": predictions,
-            "image_id": image_id,
-            "case_id": case_id,
-            "user_id": caller.user_id,
-            "user_role": caller.role,
-            "low_confidence": record["low_confidence"],
-            "model": self._model_info,
-        }
-
-    def rank(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        """Every label with its probability, highest first (the app reads element 0)."""
-        labels = self.model.manifest.labels
-        order = np.argsort(-probabilities, kind="stable")
-        return [{"label": labels[i], "confidence": round(float(probabilities[i]), 6)} for i in order]
+        return checked
 
     async def _case_id_for(self, caller: Caller, case_id: str | None) -> str:
         """The client's case id, with the counter moved past it so it is never issued again; else the next id."""
@@ -267,35 +309,3 @@ def _strip(data: bytes, image_format: str) -> bytes:
     except privacy.MetadataError:
         # Storing it unstripped could keep a location the clinic asked to remove.
         raise BadRequest("Invalid image file") from None
-
-
-def sanitize_user_id(raw: str) -> str:
-    """Trim, then keep only letters, digits, '-' and '_' (the contract's X-User-Id rule)."""
-    return "".join(c for c in raw.strip() if (c.isascii() and c.isalnum()) or c in "-_")[:128]
-
-
-def validate_fields(body: dict[str, Any], fields: dict[str, tuple[type[Any], ...]]) -> dict[str, Any]:
-    """Check the known fields' types (coercing numbers to text where the app sends text).
-
-    Unknown keys are kept as given (the app sends e.g. `image_decisions`),
-    except the ones the appliance sets itself.
-    """
-    record: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in SERVER_FIELDS:
-            continue
-        expected = fields.get(key)
-        if expected is None or value is None:
-            record[key] = value
-            continue
-        if expected == _TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            kind = {_TEXT: "a string", _NUMBER: "a number"}.get(expected, "a list")
-            raise UnprocessableEntity(f"Field '{key}' must be {kind}")
-        if key in ("symptoms", "image_paths") and not all(isinstance(v, str) for v in value):
-            raise UnprocessableEntity(f"Field '{key}' must be a list of strings")
-        if key == "case_id" and not is_case_id(value):
-            raise BadRequest("Invalid case_id")
-        record[key] = value
-    return record

@@ -12,10 +12,12 @@ from typing import Any, Awaitable, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)
 
-from . import loads_strict
+from ..contract import case_id_text, sanitize_user_id
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
 from ..keys import CLINIC, CONFIG, SYNC
-from ..services import Caller, sanitize_user_id
+from ..services import Caller, CheckedImage
+from . import loads_strict
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 
@@ -35,7 +37,7 @@ T = TypeVar("T")
 
 async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
     """`reading`, or 408 when the client has not sent its body within `server.body_timeout_s`."""
-    timeout_s = request.app[CONFIG].server.body_timeout_s
+    timeout_s = request.config_dict[CONFIG].server.body_timeout_s
     try:
         return await asyncio.wait_for(reading, timeout_s)
     except asyncio.TimeoutError:
@@ -127,6 +129,7 @@ def _flag(request: web.Request, name: str, default: bool) -> bool:
 
 
 @routes.get("/health")
+@route_policy(Policy.PROBE)
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -141,7 +144,27 @@ async def check_image(request: web.Request) -> web.Response:
     case_id = request.query.get("case_id", "").strip() or form_case_id or None
     checking = request.app[CLINIC].check_image(who, data, case_id)
     del data  # the clinic holds the only reference: the original is freed once its stripped copy is made
-    return web.json_response(await checking)
+    return web.json_response(render_checked(await checking))
+
+
+def render_checked(checked: CheckedImage) -> dict[str, Any]:
+    """The contract's answer to `POST /check-image` (the app reads status, message, blur_score, predictions, ids)."""
+    if checked.sharp:
+        message = "Image processed"
+    else:
+        message = f"Image is too blurry (score={checked.blur_score:.2f}, threshold={checked.blur_threshold})"
+    return {
+        "status": "success" if checked.sharp else "fail",
+        "message": message,
+        "blur_score": checked.blur_score,
+        "predictions": [{"label": p.label, "confidence": p.confidence} for p in checked.predictions],
+        "image_id": checked.image_id,
+        "case_id": checked.case_id,
+        "user_id": checked.caller.user_id,
+        "user_role": checked.caller.role,
+        "low_confidence": checked.low_confidence,
+        "model": checked.model,
+    }
 
 
 @routes.post("/cases/next-id")
@@ -154,7 +177,7 @@ async def next_case_id(request: web.Request) -> web.Response:
 async def release_case_id(request: web.Request) -> web.Response:
     who = caller(request)
     body = await json_body(request)
-    return web.json_response(await request.app[CLINIC].release_case_id(who, body.get("case_id")))
+    return web.json_response(await request.app[CLINIC].release_case_id(who, case_id_text(body.get("case_id"))))
 
 
 async def _log(request: web.Request, entry_type: str, message: str) -> web.Response:
@@ -183,11 +206,14 @@ async def log_reject(request: web.Request) -> web.Response:
     return await _log(request, "reject", "rejected_logged")
 
 
-@routes.put("/cases/{case_id}")
+# Not the fixed /cases/... paths: PUT on them is 405 (their method is POST), not an update of case "reject".
+@routes.put(r"/cases/{case_id:(?!(?:next-id|release-id|uncertain|reject)$)[^{}/]+}")
 async def update_case(request: web.Request) -> web.Response:
     who = caller(request)
     body = await json_body(request)
     case_id = request.match_info["case_id"]
+    if body.get("user_id") is not None and not isinstance(body["user_id"], str):
+        raise UnprocessableEntity("Field 'user_id' must be a string")
     await request.app[CLINIC].update_case(who, case_id, body)
     return web.json_response({"status": "ok", "case_id": case_id})
 
@@ -196,7 +222,7 @@ async def update_case(request: web.Request) -> web.Response:
 async def list_cases(request: web.Request) -> web.Response:
     who = caller(request)
     raw_limit = request.query.get("limit", "100").strip()
-    if not raw_limit.isdigit() or int(raw_limit) < 1:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or int(raw_limit) < 1:
         raise UnprocessableEntity("Query parameter 'limit' must be a positive whole number")
     cases = await request.app[CLINIC].list_cases(
         who,

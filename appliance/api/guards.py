@@ -22,14 +22,13 @@ from aiohttp import hdrs, web
 from ..errors import Unauthorized
 from ..keys import API_KEYS, BODY_SLOTS, KEY_NAME, RATE_LIMITER
 from ..security import presented_key
+from .policy import Policy, policy_of
 
 if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls
-    from aiohttp.typedefs import Handler, Middleware
+    from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 
-# Liveness and readiness are never rate limited: probes must always see the truth.
-UNLIMITED_PATHS = frozenset({"/health", "/ready"})
 # Headers a browser client may send, and response headers its script may read.
 ALLOWED_HEADERS = ("X-API-Key", "Authorization", "X-User-Id", "X-User-Role", "X-Request-Id", "Content-Type")
 EXPOSED_HEADERS = ("X-Request-Id", "Retry-After")
@@ -41,27 +40,23 @@ def is_preflight(request: web.Request) -> bool:
     return request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
 
 
-def auth_middleware(public_paths: Collection[str]) -> Middleware:
-    """Require a configured key (X-API-Key or Authorization: Bearer) except on `public_paths`."""
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        keys = request.app[API_KEYS]
-        if keys and request.path not in public_paths and not is_preflight(request):
-            name = keys.match(presented_key(request.headers))
-            if name is None:
-                raise Unauthorized("Invalid API key")
-            request[KEY_NAME] = name
-        return await handler(request)
-
-    return auth
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require a configured key (X-API-Key or Authorization: Bearer) except on public routes."""
+    keys = request.app[API_KEYS]
+    if keys and Policy.PUBLIC not in policy_of(request) and not is_preflight(request):
+        name = keys.match(presented_key(request.headers))
+        if name is None:
+            raise Unauthorized("Invalid API key")
+        request[KEY_NAME] = name
+    return await handler(request)
 
 
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """429 with Retry-After once a client spends its bucket (`[limits]`)."""
     limiter = request.app.get(RATE_LIMITER)
-    if limiter is not None and request.path not in UNLIMITED_PATHS and not is_preflight(request):
+    if limiter is not None and Policy.UNLIMITED not in policy_of(request) and not is_preflight(request):
         key_name = request.get(KEY_NAME)
         limiter.check(f"key:{key_name}" if key_name else f"addr:{request.remote}")
     return await handler(request)

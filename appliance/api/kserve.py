@@ -3,10 +3,14 @@
 The model's one input takes either a preprocessed FP32 tensor [N, 3, 224, 224]
 or, like OpenVINO Model Server, a BYTES tensor [N] of encoded images that the
 appliance decodes with its own pipeline (JSON carries them base64-encoded; the
-binary tensor data extension carries them raw). Every row goes through the
-app's scheduler, so batching, the queue limit (503) and the single inference
-thread hold as for the clinic API. Results are not stored: the clinic contract
+binary tensor data extension carries them raw). Every row goes through
+`services.Classifier`, the classify use case of `POST /check-image` too, so
+decoding, batching, the queue limit (503) and the single inference thread hold
+as for the clinic API. Results are not stored: the clinic contract
 (`POST /check-image`) is the path that keeps images and decisions.
+
+Mounted as a sub-app under /v2 whose errors are `{"error": ...}` (the
+protocol's shape; the one error middleware reads ERROR_FIELD).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -23,15 +26,17 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from .. import __version__, imaging
-from . import loads_strict
-from ..errors import ApplianceError, BadRequest, NotFound, Overloaded, PayloadTooLarge
+from .. import __version__
+from ..errors import BadRequest, NotFound, Overloaded, PayloadTooLarge
 from ..inference.model import LoadedModel, Manifest
-from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE
+from ..keys import CLASSIFIER, CONFIG, ERROR_FIELD, EXECUTORS, MODEL, STATE
+from . import loads_strict
 from .clinic import within_body_timeout
+from .policy import Policy, route_policy
 
-routes = web.RouteTableDef()
+routes = web.RouteTableDef()  # paths under PREFIX
 
+PREFIX = "/v2"
 SERVER_NAME = "derm-appliance"
 EXTENSIONS = ("binary_tensor_data",)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -49,27 +54,37 @@ class InferRequest:
     binary_output: bool
 
 
-@routes.get("/v2/health/live")
+def create_kserve_app() -> web.Application:
+    """The v2 protocol as a sub-app (mount it at PREFIX); the app's keys are read through `config_dict`."""
+    app = web.Application()
+    app[ERROR_FIELD] = "error"
+    app.add_routes(routes)
+    return app
+
+
+@routes.get("/health/live")
+@route_policy(Policy.PUBLIC)
 async def server_live(request: web.Request) -> web.Response:
     """200 while the process serves requests."""
     return web.json_response({"live": True})
 
 
-@routes.get("/v2/health/ready")
+@routes.get("/health/ready")
+@route_policy(Policy.PUBLIC)
 async def server_ready(request: web.Request) -> web.Response:
     """200 once the model is loaded and self-checked; 503 otherwise."""
     _require_ready(request)
     return web.json_response({"ready": True})
 
 
-@routes.get("/v2")
+@routes.get("")
 async def server_metadata(request: web.Request) -> web.Response:
     """The server's name, version and protocol extensions."""
     return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
 
 
-@routes.get("/v2/models/{name}")
-@routes.get("/v2/models/{name}/versions/{version}")
+@routes.get("/models/{name}")
+@routes.get("/models/{name}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
     """The model's tensors; `parameters.labels` names the output's columns."""
     model = _served(request)
@@ -87,8 +102,8 @@ async def model_metadata(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/v2/models/{name}/ready")
-@routes.get("/v2/models/{name}/versions/{version}/ready")
+@routes.get("/models/{name}/ready")
+@routes.get("/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
     """200 when the model answers inference requests; 503 otherwise."""
     model = _served(request)
@@ -96,41 +111,33 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.json_response({"name": model.manifest.name, "ready": True})
 
 
-@routes.post("/v2/models/{name}/infer")
-@routes.post("/v2/models/{name}/versions/{version}/infer")
+@routes.post("/models/{name}/infer")
+@routes.post("/models/{name}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
     """Classify a batch; answer `probabilities` FP32 [N, classes] in label order."""
-    app = request.app
+    shared = request.config_dict
     model = _served(request)
     _require_ready(request)
     body = await _read_body(request)
-    loop = asyncio.get_running_loop()
-    executor = app[EXECUTORS].decode
     # Parsing a JSON tensor of tens of MB is CPU work: keep it off the event loop.
-    parsed = await loop.run_in_executor(
-        executor,
+    parsed = await asyncio.get_running_loop().run_in_executor(
+        shared[EXECUTORS].decode,
         lambda: parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH), model.manifest, max_rows=app[CONFIG].inference.queue_size
+            body, request.headers.get(HEADER_LENGTH), model.manifest, max_rows=shared[CONFIG].inference.queue_size
         ),
     )
+    classifier = shared[CLASSIFIER]
     if parsed.images is not None:
-        tensors = await _decode_images(request, model.manifest, parsed.images)
+        probabilities = await classifier.classify_images(parsed.images)
     else:
         assert parsed.tensor is not None
-        tensors = list(parsed.tensor)
-    results = await asyncio.gather(*(app[SCHEDULER].infer(t) for t in tensors), return_exceptions=True)
-    rows: list[np.ndarray] = []
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-        rows.append(result)
-    probabilities = np.stack(rows).astype("<f4")
+        probabilities = await classifier.classify_tensors(parsed.tensor)
     return render_response(model.manifest, parsed, probabilities)
 
 
 def _served(request: web.Request) -> LoadedModel:
     """The model the path names, or 404 for another name or version."""
-    model = request.app[MODEL]
+    model = request.config_dict[MODEL]
     manifest = model.manifest
     name = request.match_info["name"]
     version = request.match_info.get("version")
@@ -142,7 +149,7 @@ def _served(request: web.Request) -> LoadedModel:
 
 
 def _require_ready(request: web.Request) -> None:
-    if not request.app[STATE].ready:
+    if not request.config_dict[STATE].ready:
         raise Overloaded("The model is not ready")
 
 
@@ -153,40 +160,11 @@ def _input_shape(manifest: Manifest) -> list[int]:
 
 async def _read_body(request: web.Request) -> bytes:
     """The whole body: 413 for one declared over the cap before reading it, 408 for a slow client."""
-    limit = request.app[CONFIG].server.max_body_bytes
+    limit = request.config_dict[CONFIG].server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body too large (limit {limit} bytes)")
     # aiohttp's client_max_size stops an undeclared one (413).
     return await within_body_timeout(request, request.read())
-
-
-async def _decode_images(request: web.Request, manifest: Manifest, images: list[bytes]) -> list[np.ndarray]:
-    """Decode every image in the decode pool; the first bad one fails the request, naming its index."""
-    app = request.app
-    max_pixels = app[CONFIG].imaging.max_pixels
-    loop = asyncio.get_running_loop()
-    decoded = await asyncio.gather(
-        *(
-            loop.run_in_executor(
-                app[EXECUTORS].decode,
-                functools.partial(imaging.decode, data, manifest.preprocessing, max_pixels=max_pixels,
-                                  mode=app[MODEL].served.decode),
-            )
-            for data in images
-        ),
-        return_exceptions=True,
-    )
-    tensors = []
-    for index, result in enumerate(decoded):
-        if isinstance(result, ApplianceError):
-            # One response carries the whole batch's output tensor, so a bad
-            # element cannot be answered on its own: say which one it was.
-            result.detail = f"Input '{manifest.input_name}' element {index}: {result.detail}"
-            raise result
-        if isinstance(result, BaseException):
-            raise result
-        tensors.append(result.tensor)
-    return tensors
 
 
 def parse_infer_request(body: bytes, header_length: str | None, manifest: Manifest, *, max_rows: int) -> InferRequest:

@@ -21,12 +21,10 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .. import __version__
-from ..keys import (
-    API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, MODEL, REQUEST_ID, SCHEDULER, STATE, STORE, SYNC, TRIMMER,
-)
-from ..services import sanitize_user_id
-from .ops import served_path
+from ..contract import sanitize_user_id
+from ..keys import API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
+from .ops import running_facts
+from .policy import Policy, policy_of, route_policy
 
 log = logging.getLogger("appliance.access")
 
@@ -40,10 +38,6 @@ STATIC = {
     "/static/status.css": ("status.css", "text/css"),
     "/static/status.js": ("status.js", "application/javascript"),
 }
-PUBLIC_PATHS = frozenset(STATIC)
-# Probes and monitoring: logged at DEBUG and left out of the status page's
-# "recent requests", so a 5-second poll does not drown the clinic's traffic.
-QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics", "/v1/status", *STATIC})
 # Only the page's own origin; no inline script or style, nothing from elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -91,11 +85,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[STATE].requests_in_progress -= 1
         seconds = time.monotonic() - started
         route = route_of(request)
+        quiet = Policy.QUIET in policy_of(request)
         metrics.requests.labels(route, request.method, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
-        if route not in QUIET_ROUTES:
+        if not quiet:
             metrics.recent.add(seconds, status)
-        log.log(logging.DEBUG if route in QUIET_ROUTES else logging.INFO,
+        log.log(logging.DEBUG if quiet else logging.INFO,
                 "%s %s %d %.1fms", request.method, route, status, seconds * 1000.0,
                 extra={"fields": {
                     "request_id": request_id, "method": request.method, "route": route, "status": status,
@@ -110,22 +105,14 @@ def _user(request: web.Request) -> str | None:
 
 
 async def gather_facts(app: web.Application) -> dict[str, Any]:
-    """What /metrics and /v1/status report, read now: model, queue, store, sync."""
-    config = app[CONFIG]
-    state = app[STATE]
-    facts: dict[str, Any] = {"uptime_s": round(time.time() - state.started_at, 1), "ready": state.ready,
-                             "bodies_in_progress": app[BODY_SLOTS].in_use}
+    """What /metrics and /v1/status report, read now: `running_facts`, and the store's and the process's figures."""
+    running = running_facts(app)
+    facts: dict[str, Any] = {**running, "uptime_s": running["appliance"]["uptime_s"],
+                             "ready": running["appliance"]["ready"], "bodies_in_progress": app[BODY_SLOTS].in_use}
     if TRIMMER in app:
         facts["memory_trims"] = app[TRIMMER].trims
-    if MODEL in app:
-        facts["model"] = app[MODEL].describe()
-    if SCHEDULER in app:
-        scheduler = app[SCHEDULER]
-        facts["inference"] = {"queue_depth": scheduler.depth, "queue_size": config.inference.queue_size,
-                              "batches": scheduler.batches, "images": scheduler.images}
     if STORE in app:
         facts["storage"] = await asyncio.get_running_loop().run_in_executor(app[EXECUTORS].store, _store_figures, app)
-    facts["sync"] = _sync_status(app)
     return facts
 
 
@@ -143,13 +130,8 @@ def _store_figures(app: web.Application) -> dict[str, Any]:
     return figures
 
 
-def _sync_status(app: web.Application) -> dict[str, Any] | None:
-    """The sync worker's figures (kept current by the worker: no I/O), or None when sync is off."""
-    worker = app.get(SYNC)
-    return None if worker is None else worker.status()
-
-
 @routes.get("/metrics")
+@route_policy(Policy.QUIET)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of this app's registry."""
     app = request.app
@@ -158,17 +140,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/status")
+@route_policy(Policy.QUIET)
 async def status(request: web.Request) -> web.Response:
     """The status page's figures: no patient data, only counts, timings and identities of software."""
     app = request.app
     config = app[CONFIG]
     facts = await gather_facts(app)
-    running = app[MODEL].runtime.describe() if MODEL in app else {}
     return web.json_response({
-        "appliance": {"version": __version__, "uptime_s": facts["uptime_s"], "ready": facts["ready"]},
+        "appliance": facts["appliance"],
         "model": facts.get("model"),
-        "served_path": served_path(app[MODEL]) if MODEL in app else None,
-        "runtime": running,
+        "served_path": facts.get("served_path"),
+        "runtime": facts.get("runtime", {}),
         "recent": app[METRICS].recent.summary(),
         "inference": facts.get("inference"),
         "storage": {"backend": config.storage.backend, **(facts.get("storage") or {})},
@@ -188,4 +170,4 @@ def _page_handler(filename: str, content_type: str) -> Handler:
 
 
 for _path, (_file, _type) in STATIC.items():
-    routes.get(_path)(_page_handler(_file, _type))
+    routes.get(_path)(route_policy(Policy.PUBLIC | Policy.QUIET)(_page_handler(_file, _type)))

@@ -11,12 +11,17 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
-from ..keys import MODEL
+from ..contract import (
+    CASE_FIELDS, CASE_ID_SCHEMA, IMAGE_FORMATS, REJECT_FIELDS, UPDATE_FIELDS, USER_ID_PATTERN, record_schema,
+)
+from ..keys import CONFIG, MODEL
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 
@@ -37,26 +42,13 @@ def _text(nullable: bool = False) -> Schema:
 
 
 _PREDICTION = _obj({"label": _text(), "confidence": {"type": "number"}}, ("label", "confidence"))
-_TEXT_LIST = {"type": ["array", "null"], "items": {"type": "string"}}
-# The case record's fields as the phone app sends them (CLIENT_CONTRACT.md); unknown keys are accepted.
-_CASE_FIELDS: dict[str, Schema] = {
-    "case_id": {"type": "string", "pattern": "^[0-9]{1,32}$"},
-    "image_id": _text(True),
-    "blur_score": {"type": ["number", "null"]},
-    "predictions": {"type": ["array", "null"], "items": _PREDICTION},
-    "device": _text(True),
-    "notes": _text(True),
-    "status": _text(True),
-    "gender": _text(True),
-    "age": _text(True),
-    "location": _text(True),
-    "symptoms": _TEXT_LIST,
-    "image_paths": _TEXT_LIST,
-    "created_at": _text(True),
-}
-_REJECT_FIELDS = {k: _CASE_FIELDS[k] for k in (
-    "case_id", "notes", "predictions", "image_id", "gender", "age", "location", "symptoms", "image_paths", "created_at",
-)} | {"reason": _text(True)}
+def _case_update() -> Schema:
+    """Any subset of a case's fields but its id, at least one of them (else 400 "No fields to update")."""
+    schema = record_schema(UPDATE_FIELDS)
+    schema["properties"]["user_id"] = {"type": ["string", "null"], "description": "an admin names another user's case"}
+    schema["anyOf"] = [{"required": [key]} for key in UPDATE_FIELDS]
+    return schema
+
 
 _V2_TENSOR_METADATA = _obj(
     {"name": _text(), "datatype": _text(), "shape": {"type": "array", "items": {"type": "integer"}}},
@@ -79,18 +71,17 @@ SCHEMAS: dict[str, Schema] = {
          "user_id": _text(), "user_role": _text(), "low_confidence": {"type": "boolean"}, "model": _ref("ModelInfo")},
         ("status", "message", "blur_score", "predictions", "image_id", "case_id", "user_id", "user_role"),
     ),
-    "CaseId": _obj({"case_id": {"type": "string", "pattern": "^[0-9]+$"}}, ("case_id",)),
-    "ReleaseIdRequest": _obj({"case_id": {"type": ["string", "integer"]}}, ("case_id",)),
+    # What the counter issues: decimal, no leading zero (past 18 digits only after 10^18 ids).
+    "CaseId": _obj({"case_id": {"type": "string", "pattern": "^(0|[1-9][0-9]*)$"}}, ("case_id",)),
+    "ReleaseIdRequest": _obj({"case_id": CASE_FIELDS["case_id"].schema()}, ("case_id",)),
     "ReleaseIdResponse": _obj(
         {"status": {"enum": ["ok", "skipped"]}, "case_id": _text(),
          "reason": {"enum": ["counter_mismatch", "case_in_use", "missing_counter"]}, "last_case_id": _text()},
         ("status",),
     ),
-    "CaseRecord": _obj(_CASE_FIELDS, ("case_id",), additionalProperties=True),
-    "RejectRecord": _obj(_REJECT_FIELDS, ("case_id",), additionalProperties=True),
-    "CaseUpdate": _obj({k: v for k, v in _CASE_FIELDS.items() if k != "case_id"}
-                       | {"user_id": {"type": "string", "description": "an admin names another user's case"}},
-                       additionalProperties=True),
+    "CaseRecord": record_schema(CASE_FIELDS, ("case_id",)),
+    "RejectRecord": record_schema(REJECT_FIELDS, ("case_id",)),
+    "CaseUpdate": _case_update(),
     "LoggedCase": _obj(
         {"status": {"const": "ok"}, "message": {"enum": ["logged", "uncertain_logged"]}, "case_id": _text(),
          "case_status": _text()},
@@ -110,7 +101,8 @@ SCHEMAS: dict[str, Schema] = {
         ("status", "checks", "store"),
     ),
     "Info": _obj(
-        {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}}, ("version", "uptime_s")),
+        {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}, "ready": {"type": "boolean"}},
+                           ("version", "uptime_s")),
          "model": _ref("ModelInfo"), "labels": {"type": "array", "items": _text()}, "runtime": {"type": "object"},
          "selfcheck": {"type": "object"}, "inference": {"type": "object"}, "imaging": {"type": "object"},
          "storage": {"type": "object"}},
@@ -135,25 +127,6 @@ SCHEMAS: dict[str, Schema] = {
          "parameters": _obj({"labels": {"type": "array", "items": _text()}, "demo": {"type": "boolean"}})},
         ("name", "platform", "inputs", "outputs"),
     ),
-    "V2InferenceRequest": _obj(
-        {
-            "id": _text(),
-            "parameters": _obj({"binary_data_output": {"type": "boolean"}}, additionalProperties=True),
-            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _obj(
-                {"name": _text(), "datatype": {"enum": ["FP32", "BYTES"]},
-                 "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                 "parameters": _obj({"binary_data_size": {"type": "integer", "minimum": 0}}, additionalProperties=True),
-                 "data": {"type": "array", "description": "FP32: numbers, flat or nested, row-major; "
-                                                          "BYTES: base64-encoded images"}},
-                ("name", "datatype", "shape"),
-            )},
-            "outputs": {"type": "array", "items": _obj(
-                {"name": _text(), "parameters": _obj({"binary_data": {"type": "boolean"}}, additionalProperties=True)},
-                ("name",),
-            )},
-        },
-        ("inputs",),
-    ),
     "V2InferenceResponse": _obj(
         {"model_name": _text(), "model_version": _text(), "id": _text(), "outputs": {"type": "array", "items": _obj(
             {"name": _text(), "datatype": {"const": "FP32"},
@@ -165,6 +138,47 @@ SCHEMAS: dict[str, Schema] = {
         ("model_name", "model_version", "outputs"),
     ),
 }
+
+
+
+def _infer_request(input_name: str, output_name: str, crop: int, max_rows: int) -> Schema:
+    """A JSON inference request for the served model: its one input as FP32 or BYTES, its one output.
+
+    JSON Schema cannot say that `data` holds as many values as the shape
+    needs, nor that a BYTES element is a decodable image: the server answers
+    those with 400 (schemathesis.toml says so for these operations).
+    """
+    rows = {"type": "integer", "minimum": 1, "maximum": max_rows}
+    fp32 = _obj(
+        {"name": {"const": input_name}, "datatype": {"const": "FP32"},
+         "shape": {"type": "array", "prefixItems": [rows, {"const": 3}, {"const": crop}, {"const": crop}],
+                   "minItems": 4, "maxItems": 4},
+         "parameters": {"type": "object"},
+         "data": {"type": "array", "description": "N*3*crop*crop finite numbers, flat or nested, row-major"}},
+        ("name", "datatype", "shape", "data"),
+    )
+    encoded = _obj(
+        {"name": {"const": input_name}, "datatype": {"const": "BYTES"},
+         "shape": {"type": "array", "prefixItems": [rows], "minItems": 1, "maxItems": 1},
+         "parameters": {"type": "object"},
+         "data": {"type": "array", "minItems": 1, "maxItems": max_rows, "description": "N encoded images",
+                  "items": {"type": "string", "contentEncoding": "base64"}}},
+        ("name", "datatype", "shape", "data"),
+    )
+    return _obj(
+        {
+            "id": _text(True),
+            "parameters": _obj({"binary_data_output": {"type": "boolean"}}, additionalProperties=True),
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"oneOf": [fp32, encoded]}},
+            "outputs": {"type": ["array", "null"], "items": _obj(
+                {"name": {"const": output_name},
+                 "parameters": _obj({"binary_data": {"type": "boolean"}}, additionalProperties=True)},
+                ("name",),
+            )},
+        },
+        ("inputs",),
+    )
+
 
 _REASONS = {
     400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found",
@@ -214,10 +228,15 @@ def _param(where: str, name: str, schema: Schema, required: bool = False, descri
 
 
 _USER = [
-    _param("header", "X-User-Id", {"type": "string"}, True, "letters, digits, - and _ are kept"),
+    _param("header", "X-User-Id", {"type": "string", "pattern": USER_ID_PATTERN}, True,
+           "letters, digits, - and _ are kept; at least one of them"),
     _param("header", "X-User-Role", {"type": "string"}, description='"admin" sees every user\'s cases'),
 ]
 _CLINIC_ERRORS = (400, 413, 422)
+# Other parts are ignored, but a part's name is a header value: no control characters.
+_PART_NAME = {"pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+# The query's case id is trimmed, and an empty one is no case id.
+_CHECK_IMAGE_CASE_ID = r"^\s*(0|[1-9][0-9]{0,17})?\s*$"
 
 
 def _json_body(schema_name: str) -> dict[str, Any]:
@@ -249,7 +268,6 @@ _INFER_BODY = {
     "content": {
         JSON: {"schema": _ref("V2InferenceRequest"), "example": {
             "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": [TINY_PNG_BASE64]}]}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     },
 }
 _INFER_OK = {
@@ -267,9 +285,15 @@ PATHS: dict[str, Any] = {
                            public=True)},
     "/check-image": {"post": _op(
         "Classify, score blur and store one photo", _json(_ref("CheckImageResponse")), (*_CLINIC_ERRORS, 415, 503, 507),
-        parameters=[*_USER, _param("query", "case_id", {"type": "string", "pattern": "^[0-9]{1,32}$"})],
-        body={"required": True, "content": {"multipart/form-data": {"schema": _obj(
-            {"file": {"type": "string", "format": "binary"}, "case_id": {"type": "string"}}, ("file",))}}},
+        parameters=[*_USER, _param("query", "case_id", {"type": "string", "pattern": _CHECK_IMAGE_CASE_ID},
+                                   description="absent or empty: the caller's next case id")],
+        body={"required": True, "description": "A form field `case_id` is read when the query names none "
+                                                "(the old server's clients sent it).",
+              "content": {"multipart/form-data": {
+                  "schema": _obj({"file": {"type": "string", "format": "binary", "minLength": 1}}, ("file",),
+                                 propertyNames=_PART_NAME),
+                  "encoding": {"file": {"contentType": ", ".join(f.content_type for f in IMAGE_FORMATS.values())}},
+              }}},
     )},
     "/cases/next-id": {"post": _op("Allocate the caller's next case id", _json(_ref("CaseId")), (400,),
                                    parameters=_USER)},
@@ -293,7 +317,7 @@ PATHS: dict[str, Any] = {
                                   body=_json_body("RejectRecord"))},
     "/cases/{case_id}": {"put": _op(
         "Update the latest case/uncertain record of a case id", _json(_ref("UpdatedCase")), (*_CLINIC_ERRORS, 404),
-        parameters=[_param("path", "case_id", {"type": "string"}, True), *_USER], body=_json_body("CaseUpdate"),
+        parameters=[_param("path", "case_id", CASE_ID_SCHEMA, True), *_USER], body=_json_body("CaseUpdate"),
     )},
     "/ready": {"get": _op("Readiness: model self-checked and store answering", _json(_ref("Ready")), public=True,
                           tag="operations") | {"responses": {
@@ -322,20 +346,32 @@ PATHS: dict[str, Any] = {
     **_v2_model_paths("/infer", {"post": _op(
         "KServe v2 inference: FP32 [N, 3, 224, 224] preprocessed, or BYTES [N] encoded images (JPEG, PNG, WebP)",
         _INFER_OK, (400, 404, 413, 415, 503), v2=True, tag="kserve", body=_INFER_BODY,
-        parameters=[_param("header", "Inference-Header-Content-Length", {"type": "integer", "minimum": 0},
-                           description="binary tensor data extension: length of the JSON header")],
     )}),
 }
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the document says of the served model: its names, its input's size and the batch limit."""
+
+    input_name: str = "input"
+    output_name: str = "probabilities"
+    crop: int = 224
+    max_rows: int = 32  # inference.queue_size
+
+
 @functools.lru_cache(maxsize=4)
-def document_text(model_name: str, model_version: str) -> str:
+def document_text(model_name: str, model_version: str, served: Served = Served()) -> str:
     """The document as JSON, with the served model's name and version as path examples."""
-    return json.dumps(document(model_name, model_version))
+    return json.dumps(document(model_name, model_version, served))
 
 
-def document(model_name: str = "ham10000-resnet50", model_version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3.1 document (a fresh copy)."""
+def document(
+    model_name: str = "ham10000-resnet50", model_version: str = "1", served: Served = Served()
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a fresh copy) for the served model."""
+    schemas = copy.deepcopy(SCHEMAS)
+    schemas["V2InferenceRequest"] = _infer_request(served.input_name, served.output_name, served.crop, served.max_rows)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -346,7 +382,7 @@ def document(model_name: str = "ham10000-resnet50", model_version: str = "1") ->
         },
         "paths": copy.deepcopy(PATHS),
         "components": {
-            "schemas": copy.deepcopy(SCHEMAS),
+            "schemas": schemas,
             "parameters": {
                 "ModelName": _param("path", "name", {"type": "string"}, True, "the served model's name") | {
                     "example": model_name},
@@ -364,7 +400,10 @@ def document(model_name: str = "ham10000-resnet50", model_version: str = "1") ->
 
 
 @routes.get("/openapi.json")
+@route_policy(Policy.PUBLIC)
 async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI document of this appliance (no API key needed)."""
     manifest = request.app[MODEL].manifest
-    return web.Response(text=document_text(manifest.name, manifest.version), content_type=JSON)
+    served = Served(manifest.input_name, manifest.output_name, manifest.preprocessing.crop,
+                    request.app[CONFIG].inference.queue_size)
+    return web.Response(text=document_text(manifest.name, manifest.version, served), content_type=JSON)

@@ -1,4 +1,9 @@
-"""Operators' endpoints: readiness and a description of what is running."""
+"""Operators' endpoints: readiness and a description of what is running.
+
+`running_facts` is the one source of what /v1/info and /v1/status (and
+/metrics) report about the process, the model and the queue; each view adds
+only what it alone shows.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ from ..inference.model import LoadedModel
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
 from ..keys import SYNC
 from ..sync.status import disabled_status
+from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/ready")
+@route_policy(Policy.PROBE)
 async def ready(request: web.Request) -> web.Response:
     """200 once the model is loaded, warmed and self-checked and the store answers; else 503."""
     app = request.app
@@ -40,30 +47,50 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def running_facts(app: web.Application) -> dict[str, Any]:
+    """What is running, read now without I/O: the appliance, model, runtime, served path, queue and sync.
+
+    Sections whose resource has not started (no model yet) are absent; `sync`
+    is None when sync is off.
+    """
+    config = app[CONFIG]
+    state = app[STATE]
+    facts: dict[str, Any] = {
+        "appliance": {"version": __version__, "uptime_s": round(time.time() - state.started_at, 1),
+                      "ready": state.ready},
+    }
+    if MODEL in app:
+        model = app[MODEL]
+        facts.update(model=model.describe(), runtime=model.runtime.describe(), served_path=served_path(model))
+    if SCHEDULER in app:
+        scheduler = app[SCHEDULER]
+        facts["inference"] = {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
+                              "queue_depth": scheduler.depth, "batches": scheduler.batches,
+                              "images": scheduler.images}
+    worker = app.get(SYNC)
+    facts["sync"] = None if worker is None else worker.status()  # kept current by the worker: no I/O here
+    return facts
+
+
 @routes.get("/v1/info")
 async def info(request: web.Request) -> web.Response:
     """The running model, runtime and settings that matter for answers."""
     app = request.app
     model = app[MODEL]
     config = app[CONFIG]
+    facts = running_facts(app)
     return web.json_response(
         {
-            "appliance": {"version": __version__, "uptime_s": round(time.time() - app[STATE].started_at, 1)},
-            "model": model.describe(),
+            **facts,
             "labels": list(model.manifest.labels),
-            "runtime": model.runtime.describe(),
-            "served_path": served_path(model),
             "selfcheck": {"golden_images": len(model.manifest.golden), "max_abs_dp": model.selfcheck_max_abs_dp,
                           "allowed": model.served.selfcheck_max_abs_dp},
-            "inference": {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
-                          "queue_depth": app[SCHEDULER].depth, "batches": app[SCHEDULER].batches,
-                          "images": app[SCHEDULER].images},
             "imaging": {"blur_threshold": config.imaging.blur_threshold,
                         "blur_full_resolution": config.imaging.blur_full_resolution,
                         "conf_threshold": config.imaging.conf_threshold, "max_pixels": config.imaging.max_pixels,
                         "decode": config.imaging.decode},
             "storage": {"backend": config.storage.backend},
-            "sync": sync_status(app),
+            "sync": facts["sync"] or disabled_status(),
         }
     )
 
@@ -78,6 +105,5 @@ def served_path(model: LoadedModel) -> dict[str, Any]:
 
 
 def sync_status(app: web.Application) -> dict[str, Any]:
-    """The sync worker's numbers (kept current by the worker itself: no I/O here)."""
-    worker = app.get(SYNC)
-    return disabled_status() if worker is None else worker.status()
+    """The sync worker's numbers, or that sync is off (/ready and /v1/info say so rather than null)."""
+    return running_facts(app)["sync"] or disabled_status()
