@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..contract import IMAGE_SUFFIXES
 from ..errors import StoreError
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
 from .base import BaseStore, CaseRow, Row
 from .crypto import Sealer, envelope_bytes, is_sealed_record
 from .files import (
-    IMAGE_SUFFIXES,
     append_durable,
     check_id,
     is_id,

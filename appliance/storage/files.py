@@ -16,12 +16,12 @@ import secrets
 from pathlib import Path
 from typing import IO, TypeGuard
 
+from ..contract import IMAGE_SUFFIXES
 from ..errors import StoreError
 
 # User and image ids become path components: no dots, no separators, so no
 # "..", no hidden names, nothing that can leave the store's root.
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
 
 # Temp files start with a dot, which no valid id does, so they never collide
 # with a stored name and a sweep can tell them apart.

@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+from ..contract import IMAGE_FORMATS
+
 JSON_TYPE = "application/json"
 
 
@@ -52,7 +52,7 @@ def _day(record: dict[str, Any]) -> str:
 
 def image_key(box_id: str, record: dict[str, Any], image_format: str) -> str:
     """The image's key; `image_format` is "jpeg", "png" or "webp"."""
-    return f"{box_id}/images/{_day(record)}/{record['image_id']}.{EXTENSIONS[image_format]}"
+    return f"{box_id}/images/{_day(record)}/{record['image_id']}{IMAGE_FORMATS[image_format].suffix}"
 
 
 def image_record_key(box_id: str, record: dict[str, Any]) -> str:

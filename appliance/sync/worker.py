@@ -26,6 +26,7 @@ from typing import Any, Callable, TypeVar
 from .. import imaging
 from ..buckets.config import BucketConfig
 from ..buckets.target import Target
+from ..contract import IMAGE_FORMATS
 from ..errors import InsufficientStorage, StoreError
 from ..storage import Store
 from . import keys
@@ -211,7 +212,7 @@ class SyncWorker:
             data, image_format = await self._call(self._stripped_image, job.user_id, job.ref)
             # The image first: a record in the bucket always has its image beside it.
             await self.target.put(keys.image_key(self.box_id, record, image_format), data,
-                                  keys.CONTENT_TYPES[image_format])
+                                  IMAGE_FORMATS[image_format].content_type)
             count += 1
         await self.target.put(keys.image_record_key(self.box_id, record), _json(record), keys.JSON_TYPE)
         return count + 1
