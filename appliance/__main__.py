@@ -145,7 +145,7 @@ def check_config(config: Config) -> int:
     from .inference.model import choose, read_manifest, resolve_model_dir
     from .inference.runtimes import runtime_class
     from .modelfetch import cached_model_dir
-    from .security import load_api_keys
+    from .security.auth import load_api_keys
     from .storage.crypto import load_sealer
 
     load_api_keys(config)
@@ -168,12 +168,12 @@ def check_config(config: Config) -> int:
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
-    from . import systemd
     from .app import create_app
-    from .limits import server_options
-    from .logs import configure_logging
-    from .security import is_loopback, load_api_keys, tls_context
-    from .serving import run_until_stopped
+    from .ops import systemd
+    from .ops.logs import configure_logging
+    from .ops.serving import run_until_stopped
+    from .security.auth import is_loopback, load_api_keys, tls_context
+    from .security.limits import server_options
 
     configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host

@@ -5,7 +5,7 @@ only what started): executors, model (fetched from model.url if set; load,
 warm up, self-check), scheduler, store, sync worker (when enabled), then the
 clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
 readiness drops, the listener closes and requests in progress drain
-(`server.shutdown_timeout_s`, appliance/serving.py), sync finishes its in-flight
+(`server.shutdown_timeout_s`, appliance/ops/serving.py), sync finishes its in-flight
 uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the store is
 flushed and closed, the scheduler stops, the runtime is released, and the
 threads end.
@@ -26,14 +26,29 @@ from .errors import ApplianceError, PayloadTooLarge
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import (
-    API_KEYS, BODY_SLOTS, CLASSIFIER, CLINIC, CONFIG, ERROR_FIELD, EXECUTORS, METRICS, MODEL, RATE_LIMITER,
-    SCHEDULER, STATE, STORE, SYNC, TRIMMER, Executors, State,
+    API_KEYS,
+    BODY_SLOTS,
+    CLASSIFIER,
+    CLINIC,
+    CONFIG,
+    ERROR_FIELD,
+    EXECUTORS,
+    METRICS,
+    MODEL,
+    RATE_LIMITER,
+    SCHEDULER,
+    STATE,
+    STORE,
+    SYNC,
+    TRIMMER,
+    Executors,
+    State,
 )
-from .limits import BodySlots, RateLimiter
-from .memory import IdleTrimmer, find_malloc_trim
-from .metrics import Metrics
 from .modelfetch import model_source
-from .security import ApiKeys, load_api_keys
+from .ops.memory import IdleTrimmer, find_malloc_trim
+from .ops.metrics import Metrics
+from .security.auth import ApiKeys, load_api_keys
+from .security.limits import BodySlots, RateLimiter
 from .services import Classifier, Clinic
 from .storage import open_configured_store
 
@@ -187,7 +202,7 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _memory(app: web.Application) -> AsyncIterator[None]:
-    """Give memory back to the OS after bursts of uploads (glibc only; see appliance/memory.py)."""
+    """Give memory back to the OS after bursts of uploads (glibc only; see appliance/ops/memory.py)."""
     trim = find_malloc_trim()
     if trim is None:
         yield

@@ -48,7 +48,7 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     shutdown_timeout_s: float = 10.0
-    # Hardening (appliance/security.py, appliance/api/guards.py): see config.toml.
+    # Hardening (appliance/security/, appliance/api/guards.py): see config.toml.
     allow_insecure: bool = False
     allowed_origins: tuple[str, ...] = ("*",)
     max_json_bytes: int = positive(1024 * 1024)
@@ -159,7 +159,7 @@ LEGACY_ENV: dict[str, tuple[str, ...]] = {
     "BACKSERVER_PORT": ("server", "port"),
     "TLS_CERT_FILE": ("server", "tls_cert_file"),
     "TLS_KEY_FILE": ("server", "tls_key_file"),
-    "ALLOWED_ORIGINS": ("server", "allowed_origins"),  # comma list; API_KEY is read by security.py
+    "ALLOWED_ORIGINS": ("server", "allowed_origins"),  # comma list; API_KEY is read by security/auth.py
     "ENCRYPT_STORAGE": ("storage", "encrypt"),  # 1/true/yes; DATA_ENCRYPTION_KEY is read by storage/crypto.py
     "MODEL_URL": ("model", "url"),  # a bucket URL (appliance/modelfetch.py)
 }

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from .config import Config
 from .inference.model import LoadedModel
 from .inference.scheduler import Scheduler
-from .limits import BodySlots, RateLimiter
-from .memory import IdleTrimmer
-from .metrics import Metrics
-from .security import ApiKeys
+from .ops.memory import IdleTrimmer
+from .ops.metrics import Metrics
+from .security.auth import ApiKeys
+from .security.limits import BodySlots, RateLimiter
 from .services import Classifier, Clinic
 from .storage import Store
 from .sync.worker import SyncWorker
@@ -48,7 +48,7 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 CLASSIFIER = web.AppKey("classifier", Classifier)
 CLINIC = web.AppKey("clinic", Clinic)
 
-# Hardening and monitoring (appliance/security.py, limits.py, metrics.py).
+# Hardening and monitoring (appliance/security/, appliance/ops/metrics.py).
 API_KEYS = web.AppKey("api_keys", ApiKeys)
 METRICS = web.AppKey("metrics", Metrics)
 BODY_SLOTS = web.AppKey("body_slots", BodySlots)

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from appliance.app import create_app
 from appliance.keys import STORE
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 from appliance.storage import BACKENDS
 
 from .conftest import LABELS, encode, photo, reference_probabilities

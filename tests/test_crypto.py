@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from appliance.cases import log_case, next_case_id
 from appliance.app import create_app
+from appliance.cases import log_case, next_case_id
 from appliance.config import load_config
 from appliance.errors import ConfigError, StoreError
 from appliance.keys import STORE

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.app import create_app
 from appliance.config import parse_config
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 from convert.demo import synthetic_photos
 
 from .conftest import LABELS, encode

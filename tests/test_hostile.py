@@ -22,7 +22,7 @@ from PIL import Image
 
 from appliance.app import create_app
 from appliance.keys import STORE
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 
 from .conftest import encode, photo
 

@@ -20,7 +20,7 @@ from appliance import __version__
 from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.keys import SCHEDULER, STATE
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 
 from .conftest import BIAS, LABELS, WEIGHTS, encode, photo, reference_probabilities
 from .liveserver import serve_in_thread

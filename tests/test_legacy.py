@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from PIL import Image
 
-from appliance.cases import list_cases, next_case_id
 from appliance.__main__ import main
+from appliance.cases import list_cases, next_case_id
 from appliance.errors import StoreError
 from appliance.legacy import import_legacy
 from appliance.storage import BACKENDS, Store, open_store

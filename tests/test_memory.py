@@ -1,4 +1,4 @@
-"""Giving freed memory back to the OS once uploads stop (appliance/memory.py)."""
+"""Giving freed memory back to the OS once uploads stop (appliance/ops/memory.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from appliance.app import create_app
-from appliance.limits import BodySlots
-from appliance.memory import IdleTrimmer, find_malloc_trim
-from appliance.security import ApiKeys
+from appliance.ops.memory import IdleTrimmer, find_malloc_trim
+from appliance.security.auth import ApiKeys
+from appliance.security.limits import BodySlots
 
 from .conftest import encode, photo
 from .test_api import upload
@@ -61,7 +61,7 @@ async def test_a_failing_trim_is_logged_and_the_trimmer_lives_on(caplog: Any) ->
                 pass
             await wait_for(lambda: len(calls) == expected)
         assert not task.done() and trimmer.trims == 0  # only memory really given back is counted
-        assert [r.getMessage() for r in caplog.records if r.name == "appliance.memory"] == ["memory: trim failed"] * 2
+        assert [r.getMessage() for r in caplog.records if r.name == "appliance.ops.memory"] == ["memory: trim failed"] * 2
     finally:
         task.cancel()
 

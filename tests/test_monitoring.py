@@ -13,9 +13,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.app import create_app
-from appliance.logs import JsonFormatter, TextFormatter
-from appliance.metrics import RecentRequests
-from appliance.security import ApiKeys
+from appliance.ops.logs import JsonFormatter, TextFormatter
+from appliance.ops.metrics import RecentRequests
+from appliance.security.auth import ApiKeys
 
 from .conftest import encode, photo
 from .test_api import upload

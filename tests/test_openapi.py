@@ -20,7 +20,7 @@ from schemathesis.config import SchemathesisConfig
 from appliance.api.openapi import document
 from appliance.app import create_app
 from appliance.config import parse_config
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 
 from . import schemathesis_hooks  # noqa: F401  (registers real images for the image media types)
 from .liveserver import serve_in_thread

@@ -11,7 +11,7 @@ from appliance.api.openapi import document
 from appliance.api.policy import Policy
 from appliance.app import create_app
 from appliance.config import parse_config
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 
 EXPECTED = {
     "/health": Policy.PROBE,

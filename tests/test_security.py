@@ -18,8 +18,8 @@ from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.errors import ConfigError, TooManyRequests
 from appliance.keys import BODY_SLOTS, STORE
-from appliance.limits import RateLimiter, server_options
-from appliance.security import ApiKeys, is_loopback, load_api_keys, parse_keys
+from appliance.security.auth import ApiKeys, is_loopback, load_api_keys, parse_keys
+from appliance.security.limits import RateLimiter, server_options
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = {"X-User-Id": "user001"}

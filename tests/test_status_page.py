@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from appliance.app import create_app
-from appliance.security import ApiKeys
+from appliance.security.auth import ApiKeys
 
 from .conftest import encode, photo
 from .test_api import upload

@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 
 from ..errors import Unauthorized
 from ..keys import API_KEYS, BODY_SLOTS, KEY_NAME, RATE_LIMITER
-from ..security import presented_key
+from ..security.auth import presented_key
 from .policy import Policy, policy_of
 
 if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls

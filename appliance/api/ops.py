@@ -15,8 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..inference.model import LoadedModel
-from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE
-from ..keys import SYNC
+from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, SYNC
 from ..sync.status import disabled_status
 from .policy import Policy, route_policy
 

@@ -12,8 +12,8 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
-from .config import ServerConfig
-from .errors import Overloaded, TooManyRequests
+from ..config import ServerConfig
+from ..errors import Overloaded, TooManyRequests
 
 # Buckets kept at most; the least recently seen client is forgotten first, so
 # a flood of spoofed or rotating addresses cannot grow memory without bound.

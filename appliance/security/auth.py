@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .config import Config
-from .errors import ConfigError
+from ..config import Config
+from ..errors import ConfigError
 
 # systemd's LoadCredential=api-keys:/etc/appliance/api-keys lands here.
 CREDENTIAL_NAME = "api-keys"

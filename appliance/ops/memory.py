@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from .limits import BodySlots
+from ..security.limits import BodySlots
 
 log = logging.getLogger(__name__)
 

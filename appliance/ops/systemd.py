@@ -20,7 +20,7 @@ from typing import Mapping
 
 from aiohttp import web
 
-from .keys import CONFIG, MODEL, STATE, SYNC
+from ..keys import CONFIG, MODEL, STATE, SYNC
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class ServiceNotifications:
     def serving(self, url: str) -> None:
         """The server listens: send READY=1 if the app is ready, then keep the watchdog fed.
 
-        Called once every socket is bound (appliance.serving); aiohttp's start-up
+        Called once every socket is bound (appliance.ops.serving); aiohttp's start-up
         hooks run before that, when `/ready` could not be reached yet.
         """
         self.url = url

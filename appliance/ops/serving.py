@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from .keys import STATE
+from ..keys import STATE
 
 log = logging.getLogger("appliance")
 

@@ -1,0 +1,1 @@
+"""Process concerns: serve and drain, systemd notification, memory, log lines, metrics."""
