@@ -17,7 +17,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
 
 # The storage, sync and bucket sections are defined by their subsystems; this module composes them.
 from .buckets import check_url

@@ -91,8 +91,8 @@ def main() -> None:
                 f"  {'blurry' if old < THRESHOLD else 'sharp':>8} {'blurry' if ours < THRESHOLD else 'sharp':>9}"
             )
             if sigma == 0.0:
-                full = timed_ms(lambda: decode(data, spec, max_pixels=10**9, blur_full_resolution=True), args.repeat)
-                fast = timed_ms(lambda: decode(data, spec, max_pixels=10**9), args.repeat)
+                full = timed_ms(lambda data=data: decode(data, spec, max_pixels=10**9, blur_full_resolution=True), args.repeat)
+                fast = timed_ms(lambda data=data: decode(data, spec, max_pixels=10**9), args.repeat)
                 timings.append((size, len(data), full, fast))
     print("\ndecode + blur + preprocess, median ms")
     print(f"{'size':>10} {'MB':>5} {'full':>7} {'default':>7}")

@@ -319,7 +319,7 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     batching = results.get("micro_batching", [])
     if batching:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, c in zip(axes, (4, 16)):
+        for ax, c in zip(axes, (4, 16), strict=True):
             cells = [r for r in batching if r["concurrency"] == c]
             labels = [f"{r['runtime'][:4]} b{r['max_batch']} w{r['max_wait_ms']:g}"
                       + (f" t{r['threads']}" if r.get("threads") else "") for r in cells]

@@ -125,7 +125,7 @@ def write_phone_photos(directory: Path, sizes: list[tuple[int, int]], *, seed: i
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (image, (w, h)) in enumerate(zip(synthetic_photos(len(sizes), seed, (400, 300)), sizes)):
+    for i, (image, (w, h)) in enumerate(zip(synthetic_photos(len(sizes), seed, (400, 300)), sizes, strict=True)):
         if h > w:
             image = image.transpose(Image.Transpose.ROTATE_90)
         path = directory / f"IMG_{i:04d}.jpg"

@@ -54,7 +54,7 @@ def test_the_baseline_answers_like_the_old_back_end_on_the_same_weights(
     assert set(new) >= set(old) and (old["case_id"], old["user_id"]) == (new["case_id"], new["user_id"]) == (
         "10000", "user001")
     assert [p["label"] for p in old["predictions"]] == [p["label"] for p in new["predictions"]]
-    for before, after in zip(old["predictions"], new["predictions"]):
+    for before, after in zip(old["predictions"], new["predictions"], strict=True):
         assert after["confidence"] == pytest.approx(before["confidence"], abs=1e-3)
     assert new["blur_score"] == pytest.approx(old["blur_score"], rel=1e-3)  # under 512 px: the same definition
     stored = sorted(p.name for p in (tmp_path / "baseline" / "storage" / "user001").iterdir())

@@ -56,7 +56,7 @@ def test_convert_records_every_served_path_and_its_verdict(clinic) -> None:
     _, models, _ = clinic
     manifest = load_manifest(models / "1")
     paths = manifest["served_paths"]
-    for key, artifact in manifest["artifacts"].items():
+    for key in manifest["artifacts"]:
         assert {f"{key}/fast", f"{key}/exact"} <= set(paths)
     for key, p in paths.items():
         per_class_ok = all(c["top1_agreement"] >= 0.99 and c["max_abs_dp"] <= 0.05 for c in p["per_class"].values())

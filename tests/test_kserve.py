@@ -8,7 +8,8 @@ import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -41,14 +42,14 @@ def expected(batch: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def make_app(model_dir: Path, root: Path, api_keys: ApiKeys = ApiKeys()) -> web.Application:
+def make_app(model_dir: Path, root: Path, api_keys: ApiKeys | None = None) -> web.Application:
     config = parse_config({
         "model": {"path": str(model_dir)},
         "storage": {"root": str(root)},
         "inference": {"max_wait_ms": 1.0, "queue_size": QUEUE_SIZE},
         "imaging": {"max_pixels": MAX_PIXELS},
     })
-    return create_app(config, api_keys=api_keys)
+    return create_app(config, api_keys=ApiKeys() if api_keys is None else api_keys)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_encoded_images_are_decoded_by_the_appliance(client: triton.InferenceSer
                           outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary)])
     probabilities = result.as_numpy("probabilities")
     assert probabilities.shape == (len(images), len(LABELS))
-    for row, data in zip(probabilities, images):
+    for row, data in zip(probabilities, images, strict=True):
         assert np.max(np.abs(row - reference_probabilities(data))) < 1e-3
     if len(images) == 3:  # differently coloured photos: the rows are really each image's own answer
         assert len({int(np.argmax(row)) for row in probabilities}) > 1

@@ -59,7 +59,7 @@ async def test_a_failing_trim_is_logged_and_the_trimmer_lives_on(caplog: Any) ->
         for expected in (1, 2):
             with slots.hold():
                 pass
-            await wait_for(lambda: len(calls) == expected)
+            await wait_for(lambda expected=expected: len(calls) == expected)
         assert not task.done() and trimmer.trims == 0  # only memory really given back is counted
         assert [r.getMessage() for r in caplog.records if r.name == "appliance.ops.memory"] == ["memory: trim failed"] * 2
     finally:

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import schemathesis
@@ -36,10 +37,10 @@ ALL_CHECKS = CHECKS.get_all()
 EXAMPLES_PER_MODE = 12
 
 
-def make_app(model_dir: Path, root: Path, api_keys: ApiKeys = ApiKeys()) -> web.Application:
+def make_app(model_dir: Path, root: Path, api_keys: ApiKeys | None = None) -> web.Application:
     config = parse_config({"model": {"path": str(model_dir)}, "storage": {"root": str(root)},
                            "inference": {"max_wait_ms": 1.0}})
-    return create_app(config, api_keys=api_keys)
+    return create_app(config, api_keys=ApiKeys() if api_keys is None else api_keys)
 
 
 def routed(app: web.Application) -> set[tuple[str, str]]:

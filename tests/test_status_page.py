@@ -14,7 +14,8 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest

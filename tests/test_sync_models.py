@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 

@@ -7,7 +7,8 @@ middleware), then X-User-Id (400), then the body (413/415/422/400).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid header (found by schemathesis)

@@ -14,7 +14,8 @@ error responses carry them too and the browser can show their `detail`).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Collection
+from typing import TYPE_CHECKING
+from collections.abc import Collection
 
 import aiohttp_cors
 from aiohttp import hdrs, web

@@ -17,7 +17,8 @@ import shutil
 import time
 import uuid
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 

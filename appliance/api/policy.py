@@ -9,7 +9,8 @@ limited, logged.
 from __future__ import annotations
 
 import enum
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from aiohttp import web
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -136,7 +136,7 @@ class Scheduler:
         outputs = await loop.run_in_executor(self.executor, self.runtime.infer, batch)
         self.batches += 1
         self.images += len(jobs)
-        for job, row in zip(jobs, outputs):
+        for job, row in zip(jobs, outputs, strict=True):  # a runtime answers one row per image
             if not job.future.done():
                 job.future.set_result(row)
         self.on_batch(len(jobs))

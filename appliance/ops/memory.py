@@ -13,7 +13,7 @@ import asyncio
 import ctypes
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..security.limits import BodySlots
 

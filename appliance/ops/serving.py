@@ -21,7 +21,8 @@ import logging
 import signal
 import ssl
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from aiohttp import web
 

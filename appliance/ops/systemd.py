@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 from aiohttp import web
 

@@ -17,7 +17,7 @@ import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..config import Config
 from ..errors import ConfigError

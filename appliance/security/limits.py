@@ -10,7 +10,8 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from ..config import ServerConfig
 from ..errors import Overloaded, TooManyRequests

@@ -66,7 +66,7 @@ def read_key_file(path: Path, source: str) -> bytes:
     return decode_key(text, f"{source} ({path})")
 
 
-def load_sealer(encrypt: bool, key_file: Path | None, environ: Mapping[str, str] | None = None) -> "Sealer":
+def load_sealer(encrypt: bool, key_file: Path | None, environ: Mapping[str, str] | None = None) -> Sealer:
     """The store's Sealer: pass-through when `encrypt` is off, else AES-GCM with the configured key."""
     environ = os.environ if environ is None else environ
     if not encrypt:

@@ -21,7 +21,8 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 from .. import imaging
 from ..buckets.config import BucketConfig
