@@ -148,7 +148,7 @@ def check_config(config: Config) -> int:
     from .security.auth import load_api_keys
     from .storage.crypto import load_sealer
 
-    load_api_keys(config)
+    load_api_keys(config.auth)
     load_sealer(config.storage.encrypt, config.storage.key_file)  # a missing or malformed key fails here
     if config.model.url:
         # Fetched and verified at start; the network is not asked here. Check the cached copy if any.
@@ -169,16 +169,16 @@ def check_config(config: Config) -> int:
 
 def serve(config: Config, args: argparse.Namespace) -> int:
     from .app import create_app
-    from .ops import systemd
+    from .process import systemd
     from .ops.logs import configure_logging
-    from .ops.serving import run_until_stopped
+    from .process.serving import run_until_stopped
     from .security.auth import is_loopback, load_api_keys, tls_context
     from .security.limits import server_options
 
     configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    keys = load_api_keys(config)
+    keys = load_api_keys(config.auth)
     if not keys and not is_loopback(host) and not (args.insecure or config.server.allow_insecure):
         raise ConfigError(f"refusing to serve {host}:{port} without an API key: set [auth] keys_file, API_KEY or "
                           "the api-keys credential, or pass --insecure (server.allow_insecure = true)")
@@ -188,7 +188,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     else:
         logging.getLogger("appliance").warning("no API key configured: the API is open to anyone who can reach %s:%d",
                                                host, port)
-    ssl_context = tls_context(config)
+    ssl_context = tls_context(config.server)
     app = create_app(config, api_keys=keys)
     service = systemd.attach(app)  # READY=1, STATUS=, WATCHDOG=1, STOPPING=1 under systemd; else no-op
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"

@@ -5,7 +5,7 @@ only what started): executors, model (fetched from model.url if set; load,
 warm up, self-check), scheduler, store, sync worker (when enabled), then the
 clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
 readiness drops, the listener closes and requests in progress drain
-(`server.shutdown_timeout_s`, appliance/ops/serving.py), sync finishes its in-flight
+(`server.shutdown_timeout_s`, appliance/process/serving.py), sync finishes its in-flight
 uploads (`sync.shutdown_timeout_s`; the outbox keeps the rest), the store is
 flushed and closed, the scheduler stops, the runtime is released, and the
 threads end.
@@ -104,7 +104,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     )
     app[CONFIG] = config
     app[STATE] = State()
-    app[API_KEYS] = load_api_keys(config) if api_keys is None else api_keys
+    app[API_KEYS] = load_api_keys(config.auth) if api_keys is None else api_keys
     app[METRICS] = Metrics()
     app[BODY_SLOTS] = BodySlots(config.limits.max_concurrent_bodies)
     if config.limits.requests_per_minute > 0:

@@ -32,13 +32,13 @@ def test_keys_from_file_environment_and_credential(tmp_path: Path) -> None:
     credentials.mkdir()
     (credentials / "api-keys").write_text("lab:lab-key-789\n")
     config = parse_config({"auth": {"keys_file": str(keys_file)}})
-    keys = load_api_keys(config, environ={"API_KEY": "old-key", "CREDENTIALS_DIRECTORY": str(credentials)})
+    keys = load_api_keys(config.auth, environ={"API_KEY": "old-key", "CREDENTIALS_DIRECTORY": str(credentials)})
     assert keys.names == ("default", "phones", "prometheus", "lab")
     assert keys.sources == ("API_KEY", "auth.keys_file", "credential api-keys")
     assert [keys.match(k) for k in ("old-key", "phone-key-123", "scrape-key-456", "lab-key-789")] == [
         "default", "phones", "prometheus", "lab"]
     assert keys.match("phone-key-12") is None and keys.match("") is None and keys.match("phone-key-1234") is None
-    assert not load_api_keys(parse_config({}), environ={})
+    assert not load_api_keys(parse_config({}).auth, environ={})
     assert repr(keys).count("phone-key-123") == 0  # only digests are kept
 
 
@@ -63,14 +63,14 @@ def test_key_source_conflicts(tmp_path: Path) -> None:
     keys_file.write_text("default:abc\n")
     config = parse_config({"auth": {"keys_file": str(keys_file)}})
     with pytest.raises(ConfigError, match=r"^auth.keys_file: key name 'default' is also defined by API_KEY$"):
-        load_api_keys(config, environ={"API_KEY": "other"})
+        load_api_keys(config.auth, environ={"API_KEY": "other"})
     keys_file.write_text("phones:same\nlab:same\n")
     with pytest.raises(ConfigError, match=r"^auth.keys_file: key 'lab' has the same value as key 'phones'; "
                                           r"give each client its own key$"):
-        load_api_keys(config, environ={})
+        load_api_keys(config.auth, environ={})
     missing = parse_config({"auth": {"keys_file": str(tmp_path / "nope")}})
     with pytest.raises(ConfigError, match=r"^auth.keys_file: cannot read .*nope: No such file or directory$"):
-        load_api_keys(missing, environ={})
+        load_api_keys(missing.auth, environ={})
 
 
 def test_loopback_hosts() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.ops.systemd import Notifier, watchdog_interval_s
+from appliance.process.systemd import Notifier, watchdog_interval_s
 
 from .conftest import encode, photo, rewrite_manifest
 from .test_serve import free_port, post_image, running

@@ -1,1 +1,1 @@
-"""Process concerns: serve and drain, systemd notification, memory, log lines, metrics."""
+"""Operations the app uses: giving memory back (memory), log lines (logs), Prometheus metrics (metrics)."""

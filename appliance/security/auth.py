@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
 
-from ..config import Config
+from .config import AuthConfig, ServerConfig
 from ..errors import ConfigError
 
 # systemd's LoadCredential=api-keys:/etc/appliance/api-keys lands here.
@@ -88,15 +88,15 @@ def parse_keys(text: str, where: str) -> dict[str, str]:
     return keys
 
 
-def load_api_keys(config: Config, environ: Mapping[str, str] | None = None) -> ApiKeys:
+def load_api_keys(auth: AuthConfig, environ: Mapping[str, str] | None = None) -> ApiKeys:
     """Every configured key: `API_KEY` (named "default"), `auth.keys_file`, `$CREDENTIALS_DIRECTORY/api-keys`."""
     environ = os.environ if environ is None else environ
     found: list[tuple[str, str, str]] = []  # (name, key, source)
     if environ.get("API_KEY", "").strip():
         found.append((ENV_KEY_NAME, environ["API_KEY"].strip(), "API_KEY"))
     files: list[tuple[Path, str]] = []
-    if config.auth.keys_file is not None:
-        files.append((config.auth.keys_file, "auth.keys_file"))
+    if auth.keys_file is not None:
+        files.append((auth.keys_file, "auth.keys_file"))
     credentials = environ.get("CREDENTIALS_DIRECTORY", "").strip()
     if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
         files.append((Path(credentials) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}"))
@@ -132,9 +132,8 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to any interface
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     """The server's TLS context from `server.tls_cert_file`/`tls_key_file` (TLS 1.2+), or None for plain HTTP."""
-    server = config.server
     if server.tls_cert_file is None or server.tls_key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

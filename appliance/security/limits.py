@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any
 from collections.abc import Callable, Iterator
 
-from ..config import ServerConfig
+from .config import ServerConfig
 from ..errors import Overloaded, TooManyRequests
 
 # Buckets kept at most; the least recently seen client is forgotten first, so

@@ -107,7 +107,7 @@ class ServiceNotifications:
     def serving(self, url: str) -> None:
         """The server listens: send READY=1 if the app is ready, then keep the watchdog fed.
 
-        Called once every socket is bound (appliance.ops.serving); aiohttp's start-up
+        Called once every socket is bound (appliance.process.serving); aiohttp's start-up
         hooks run before that, when `/ready` could not be reached yet.
         """
         self.url = url
