@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,7 +103,7 @@ def _load_torchscript(path: Path) -> nn.Module:
         raise ConvertError(f"not a readable TorchScript archive: {path} ({_first_line(exc)})") from None
 
 
-def _load_pickle(path: Path, trust: bool):
+def _load_pickle(path: Path, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -10,6 +10,7 @@ synthetic lesion families, so answers vary with the input and INT8 checks mean s
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -46,7 +47,7 @@ def make_demo_checkpoint(seed: int = DEMO_SEED) -> dict:
     return {"model_state_dict": model.state_dict(), "epoch": 0, "classes": list(FAMILIES)}
 
 
-def _batches(tensors: np.ndarray):
+def _batches(tensors: np.ndarray) -> Iterator[torch.Tensor]:
     for start in range(0, len(tensors), BATCH):
         yield torch.from_numpy(np.ascontiguousarray(tensors[start : start + BATCH]))
 

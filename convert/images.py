@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,7 +38,7 @@ def preprocessing_table() -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def _transform():
+def _transform() -> Callable[[Image.Image], Any]:
     # torchvision is imported lazily: it is the slow part of `import convert`.
     from torchvision import transforms
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from appliance.inference.model import MANIFEST, MANIFEST_DIGEST
 
@@ -21,7 +22,7 @@ def file_hashes(version_dir: Path, files: list[Path]) -> dict[str, str]:
     return {path.relative_to(version_dir).as_posix(): sha256_file(path) for path in files}
 
 
-def artifact_entry(version_dir: Path, fmt: str, precision: str, files: list[Path], **fields) -> dict:
+def artifact_entry(version_dir: Path, fmt: str, precision: str, files: list[Path], **fields: Any) -> dict:
     """One `artifacts.*` table: the main file first in `files`, every file hashed."""
     hashes = file_hashes(version_dir, files)
     main = files[0].relative_to(version_dir).as_posix()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -12,7 +13,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 BATCH = 16
 
 
-def torch_runner(module) -> Runner:
+def torch_runner(module: Callable[[Any], Any]) -> Runner:
     """PyTorch FP32 probabilities (softmax of the module's logits): the reference."""
     import torch
 

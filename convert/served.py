@@ -13,7 +13,7 @@ import dataclasses
 import io
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +210,7 @@ def measure_paths(
     bar: Bar,
     *,
     bf16: bool,
-    say=print,
+    say: Callable[[str], None] = print,
 ) -> list[ServedPath]:
     """Every served path of every candidate, measured against `reference` (PyTorch's probabilities)."""
     golden_bytes, golden_reference = golden
