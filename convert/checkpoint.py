@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from appliance.inference.model import sha256_file  # one definition, shared with the server's check
+from appliance.modeldir import sha256_file  # one definition, shared with the server's check
 
 from .errors import ConvertError
 

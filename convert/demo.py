@@ -129,7 +129,7 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
 def checkpoint_sha256(checkpoint: dict) -> str:
     """sha256 of the checkpoint as `build_demo` saves it (torch.save is deterministic, but the
     zip's inner folder is named after the file, so the same file name is used)."""
-    from .checkpoint import sha256_file
+    from appliance.modeldir import sha256_file
 
     with tempfile.TemporaryDirectory(prefix="convert-demo-") as tmp:
         path = Path(tmp) / "demo_checkpoint.pt"

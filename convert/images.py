@@ -14,27 +14,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from appliance.modeldir import CROP, MEAN, RESIZE_SHORTER, STD
+
 from .errors import ConvertError
-
-RESIZE_SHORTER = 256
-CROP = 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
-
-
-def preprocessing_table() -> dict:
-    """The manifest's `preprocessing` table for the reference preprocessing."""
-    return {
-        "color": "RGB",
-        "resize_shorter": RESIZE_SHORTER,
-        "interpolation": "bilinear-antialias",
-        "crop": CROP,
-        "scale": 1 / 255,
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
 
 
 @functools.lru_cache(maxsize=1)

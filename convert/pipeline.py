@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from appliance.imaging import Preprocessing
+from appliance.modeldir import Artifact, GoldenImage, Manifest, Preprocessing, input_shape, now, sha256_file, write_json, write_manifest
 
 from . import golden as golden_mod
-from .checkpoint import LoadedModel, sha256_file
+from .checkpoint import LoadedModel
 from .errors import ConvertError
-from .images import ImageSet, jpeg_bytes, preprocessing_table
-from .manifest import artifact_entry, build_manifest, write_json, write_manifest
+from .images import ImageSet, jpeg_bytes
 from .runtimes import Runner, onnx_runner, openvino_runner, run_all, torch_runner
 from .served import MIN_VERIFICATION_PHOTOS, Bar, Candidate, Photo, format_paths, measure_paths, reference_tensors, with_phone_size_copies
 from .synthetic import synthetic_photos
@@ -134,7 +133,7 @@ def convert(
     try:
         with tempfile.TemporaryDirectory(prefix="convert-work-") as work:
             manifest, table = _build(model, building, Path(work), name, version, split, calibration, options, source_extra)
-        write_manifest(building, manifest)
+        write_manifest(manifest)
         try:
             os.rename(building, final)
         except OSError as exc:
@@ -190,7 +189,7 @@ def _synthetic_photos(options: ConvertOptions) -> list[Photo]:
 
 
 def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, split: Split,
-           calibration: ImageSet | None, options: ConvertOptions, source_extra: dict | None) -> tuple[dict, str]:
+           calibration: ImageSet | None, options: ConvertOptions, source_extra: dict | None) -> tuple[Manifest, str]:
     from .export import export_onnx
     from .openvino import convert_ir, cpu_has_bf16
 
@@ -245,7 +244,7 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
 
     say("measuring served paths (artifact, decode mode, precision) as the server runs them")
     bf16 = cpu_has_bf16()
-    spec = Preprocessing.from_manifest(preprocessing_table())
+    spec = Preprocessing()
     candidates = [Candidate(a.key, a.fmt, a.precision, a.files[0]) for a in artifacts]
     paths = measure_paths(candidates, photos, reference, ([f.read_bytes() for f in golden.files], golden.probabilities),
                           spec, labels, options.bar, bf16=bf16, say=say)
@@ -253,10 +252,11 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
         left_out.append("openvino-fp32@bf16 not measured: this CPU has no native bf16")
 
     notes: dict[str, str] = {}
-    entries: dict[str, dict] = {}
+    entries: dict[str, Artifact] = {}
     for art in artifacts:
         mine = [p for p in paths if p.artifact == art.key]
-        entries[art.key] = artifact_entry(
+        entries[art.key] = Artifact.hashed(
+            art.key,
             root,
             art.fmt,
             art.precision,
@@ -265,8 +265,7 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
             # Format 1's tolerance, for older appliances: the strictest of this artifact's passing paths.
             selfcheck_max_abs_dp=min((p.selfcheck_max_abs_dp for p in mine if p.passed),
                                      default=max(p.selfcheck_max_abs_dp for p in mine)),
-            parity=art.parity.to_json(),
-            **art.extra,
+            details={"parity": art.parity.to_json(), **art.extra},
         )
         if not art.parity.passed:
             notes.update({p.key: "degraded, kept (--allow-degraded)" for p in mine})
@@ -286,18 +285,22 @@ def _build(model: LoadedModel, root: Path, work: Path, name: str, version: int, 
     }
     write_json(root / "source.json", {"path": str(model.path.resolve()) if not options.demo else None, **source})
     warnings = [w for w in (split.warning,) if w]
-    manifest = build_manifest(
+    manifest = Manifest(
+        directory=root,
         name=name,
-        version=version,
+        version=str(version),
         demo=options.demo,
-        labels=labels,
+        labels=tuple(labels),
+        input_shape=input_shape(spec),
+        preprocessing=spec,
+        created_at=now(),
         source=source,
         artifacts=entries,
-        golden=[
-            {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "probabilities": [float(x) for x in probs]}
+        golden=tuple(
+            GoldenImage(path.relative_to(root).as_posix(), tuple(float(x) for x in probs), sha256_file(path))
             for path, probs in zip(golden.files, golden.probabilities)
-        ],
-        served_paths={p.key: p.to_json() for p in paths},
+        ),
+        served_paths=tuple(paths),
         verification={"photos": len(split.verification), "source": split.source, "copies": copies,
                       "min_photos": MIN_VERIFICATION_PHOTOS, "bar": options.bar.to_json(), "warnings": warnings},
     )

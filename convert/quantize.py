@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
 )
 from tqdm import tqdm
 
-from .images import INPUT_NAME
+from appliance.modeldir import INPUT_NAME
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 CALIBRATION_BATCH = 8

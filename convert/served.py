@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from appliance import imaging
-from appliance.inference.paths import RUNTIME_OF_FORMAT, ServedPath
+from appliance.modeldir import RUNTIME_OF_FORMAT, ServedPath
 from appliance.inference.runtimes import Runtime, create_runtime, runtime_class
 
 from .images import jpeg_bytes, reference_tensor

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from appliance.errors import ModelError
-from appliance.inference.paths import ServedPath, Wanted, choose_path
+from appliance.inference.paths import Wanted, choose_path
+from appliance.modeldir import ServedPath
 
 FIGURES = {"images": 40, "copies": 0, "top1_agreement": 1.0, "max_abs_dp": 0.01, "median_abs_dp": 0.001,
            "worst_class": "mel", "per_class": {}}
