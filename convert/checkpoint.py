@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,11 @@ class LoadedModel:
     def scripted(self) -> bool:
         """True for TorchScript archives, which the torch.export-based ONNX exporter cannot read."""
         return isinstance(self.module, torch.jit.ScriptModule)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """PyTorch FP32 probabilities (softmax of the logits) of a batch: the reference every artifact is held to."""
+        with torch.no_grad():
+            return torch.softmax(self.module(torch.from_numpy(batch)), dim=1).numpy().astype(np.float32)
 
 
 

@@ -98,7 +98,8 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
     """Build the demo model directory `<out>/<name>/<version>/` and return it."""
     from .checkpoint import load_checkpoint
     from .images import image_set, jpeg_bytes
-    from .pipeline import ConvertOptions, convert
+    from .build import ConvertOptions
+    from .pipeline import convert
 
     from .errors import ConvertError
 

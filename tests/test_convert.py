@@ -12,7 +12,7 @@ from convert.__main__ import main
 from convert.checkpoint import load_checkpoint
 from convert.errors import ConvertError
 from convert.images import preprocess_file
-from convert.runtimes import onnx_runner, openvino_runner
+from convert.verify import load_runtime
 
 from .convert_helpers import (LABELS, assert_bars, assert_hashes, load_manifest, make_resnet18, sha256, write_checkpoint,
                               write_phone_photos, write_photo_dir)
@@ -240,8 +240,8 @@ def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(tensors)), 1).numpy()
     np.testing.assert_allclose(np.array([g["probabilities"] for g in golden]), expected, atol=1e-5)
-    for key, runner in [("onnx-fp32", onnx_runner(version / "model.onnx")),
-                        ("openvino-fp32", openvino_runner(version / "openvino/fp32/model.xml"))]:
+    for key, runner in [("onnx-fp32", load_runtime(version / "model.onnx", "onnx").infer),
+                        ("openvino-fp32", load_runtime(version / "openvino/fp32/model.xml", "openvino").infer)]:
         got = runner(tensors)
         assert np.max(np.abs(got - expected)) <= 1e-4, key
         assert got.shape == (len(golden), 3)
@@ -281,7 +281,7 @@ def test_every_calibration_method_runs_on_a_ragged_mixed_set(tmp_path, method):
     loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
     export_onnx(loaded, tmp_path / "model.onnx")
     int8 = Quantizer(tmp_path / "model.onnx", tmp_path, photos.tensors).quantize(method, [])
-    probs = onnx_runner(int8)(photos.tensors)
+    probs = load_runtime(int8, "onnx").infer(photos.tensors)
     assert probs.shape == (11, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
