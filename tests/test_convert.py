@@ -146,15 +146,21 @@ def test_missing_calibration_dir(tmp_path, capsys):
     assert "calibration directory not found" in err
 
 
-def test_failure_mid_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+def convert_failing_at_golden(tmp_path, capsys, monkeypatch, error: Exception):
+    """Convert a ResNet18 whose build fails with `error` half-way (writing the golden images); (path, code, err)."""
     import convert.golden
 
     def broken(*args, **kwargs):
-        raise ConvertError("injected failure")
+        raise error
 
     monkeypatch.setattr(convert.golden, "write_golden", broken)
     path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
-    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    code, _, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    return path, code, err
+
+
+def test_failure_mid_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+    _, code, err = convert_failing_at_golden(tmp_path, capsys, monkeypatch, ConvertError("injected failure"))
     assert (code, err.strip().splitlines()[-1]) == (1, "convert: error: injected failure")
     assert_nothing_written(tmp_path / "models")
 
@@ -302,14 +308,8 @@ def test_one_photo_converts_and_says_what_it_verified_on(tmp_path, capsys):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
-    import convert.golden
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("setting an array element with a sequence\nmore detail")
-
-    monkeypatch.setattr(convert.golden, "write_golden", broken)
-    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
-    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    error = RuntimeError("setting an array element with a sequence\nmore detail")
+    path, code, err = convert_failing_at_golden(tmp_path, capsys, monkeypatch, error)
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         "convert: error: unexpected RuntimeError: setting an array element with a sequence; nothing was written. "
