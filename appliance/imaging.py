@@ -42,18 +42,18 @@ import io
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from appliance.contract import IMAGE_FORMATS
-from appliance.errors import BadRequest, ModelError, PayloadTooLarge, UnsupportedMediaType
+from appliance.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-# How a served path decodes: "fast" (DCT-scaled JPEG decode when large) or "exact" (whole).
-DecodeMode = Literal["fast", "exact"]
-DECODE_MODES: tuple[DecodeMode, ...] = ("fast", "exact")
+# The model's preprocessing and the decode modes a served path names are model-directory facts;
+# imported here so `imaging.Preprocessing` and `imaging.DECODE_MODES` read where decoding happens.
+from appliance.modeldir import DECODE_MODES as DECODE_MODES, DecodeMode, Preprocessing
 
 # Beyond this aspect ratio the resize works on the crop's box only (memory; see _preprocess).
 MAX_RESIZED_ASPECT = 8
@@ -92,45 +92,6 @@ _HEIF_BRANDS = {b"mif1", b"msf1"}
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 # Start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The model's preprocessing, as the manifest's `preprocessing` table states it."""
-
-    resize_shorter: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    @classmethod
-    def from_manifest(cls, table: dict) -> "Preprocessing":
-        """Build from a manifest's `preprocessing` table (unknown keys ignored)."""
-        if not isinstance(table, dict):
-            raise ModelError(f"preprocessing: expected a table; got {table!r}")
-        sizes: dict[str, int] = {}
-        for key in ("resize_shorter", "crop"):
-            value = table.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ModelError(f"preprocessing.{key}: expected a positive integer; got {value!r}")
-            sizes[key] = value
-        if sizes["crop"] > sizes["resize_shorter"]:
-            raise ModelError(
-                f"preprocessing.crop: expected at most resize_shorter ({sizes['resize_shorter']}); got {sizes['crop']}"
-            )
-        triples: dict[str, tuple[float, float, float]] = {}
-        for key in ("mean", "std"):
-            value = table.get(key)
-            if (
-                not isinstance(value, (list, tuple))
-                or len(value) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-                or (key == "std" and not all(v > 0 for v in value))
-            ):
-                wanted = "3 positive numbers" if key == "std" else "3 numbers"
-                raise ModelError(f"preprocessing.{key}: expected {wanted}; got {value!r}")
-            triples[key] = (float(value[0]), float(value[1]), float(value[2]))
-        return cls(sizes["resize_shorter"], sizes["crop"], triples["mean"], triples["std"])
 
 
 @dataclass(frozen=True)

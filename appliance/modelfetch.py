@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ConfigError, ModelError
-from .inference.model import MANIFEST, MANIFEST_DIGEST
+from .modeldir import MANIFEST, MANIFEST_DIGEST, digest_matches
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _download(target: Any, url: str, cache: Path) -> Path:
     digest_bytes = None
     if manifest.get("format", 1) >= 2:
         digest_bytes = target.get_sync(prefix + MANIFEST_DIGEST)
-        if digest_bytes.split()[:1] != [hashlib.sha256(manifest_bytes).hexdigest().encode()]:
+        if not digest_matches(manifest_bytes, digest_bytes):
             raise ModelFetchRefused(f"model.url: {url}/{prefix}{MANIFEST} does not match {MANIFEST_DIGEST} beside it; "
                                     f"refusing this model")
     current = _last_verified(cache)

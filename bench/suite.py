@@ -340,7 +340,7 @@ def _import_time() -> float:
     """How long the Python imports alone take (the floor under any cold start)."""
     # OpenVINO as the server imports it: without its telemetry (which would also write under ~/intel).
     code = ("import appliance.app, appliance.inference.runtimes.onnxruntime, onnxruntime, cv2, PIL\n"
-            "from appliance.inference.runtimes.openvino import import_openvino\n"
+            "from appliance.modeldir import import_openvino\n"
             "import_openvino()")
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=procs.ROOT, env=procs.clean_env())

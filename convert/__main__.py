@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .images import load_image_dir
-    from .pipeline import ConvertOptions, convert
+    from .build import ConvertOptions
+    from .pipeline import convert
     from .served import Bar
 
     labels = _labels(args.labels) if args.labels else list(HAM10000_LABELS)

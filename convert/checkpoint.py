@@ -15,11 +15,13 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from appliance.inference.model import sha256_file  # one definition, shared with the server's check
+from appliance.modeldir import sha256_file  # one definition, shared with the server's check
 
 from .errors import ConvertError
 
@@ -42,6 +44,11 @@ class LoadedModel:
     def scripted(self) -> bool:
         """True for TorchScript archives, which the torch.export-based ONNX exporter cannot read."""
         return isinstance(self.module, torch.jit.ScriptModule)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """PyTorch FP32 probabilities (softmax of the logits) of a batch: the reference every artifact is held to."""
+        with torch.no_grad():
+            return torch.softmax(self.module(torch.from_numpy(batch)), dim=1).numpy().astype(np.float32)
 
 
 
@@ -102,7 +109,7 @@ def _load_torchscript(path: Path) -> nn.Module:
         raise ConvertError(f"not a readable TorchScript archive: {path} ({_first_line(exc)})") from None
 
 
-def _load_pickle(path: Path, trust: bool):
+def _load_pickle(path: Path, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -10,6 +10,7 @@ synthetic lesion families, so answers vary with the input and INT8 checks mean s
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -46,7 +47,7 @@ def make_demo_checkpoint(seed: int = DEMO_SEED) -> dict:
     return {"model_state_dict": model.state_dict(), "epoch": 0, "classes": list(FAMILIES)}
 
 
-def _batches(tensors: np.ndarray):
+def _batches(tensors: np.ndarray) -> Iterator[torch.Tensor]:
     for start in range(0, len(tensors), BATCH):
         yield torch.from_numpy(np.ascontiguousarray(tensors[start : start + BATCH]))
 
@@ -97,7 +98,8 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
     """Build the demo model directory `<out>/<name>/<version>/` and return it."""
     from .checkpoint import load_checkpoint
     from .images import image_set, jpeg_bytes
-    from .pipeline import ConvertOptions, convert
+    from .build import ConvertOptions
+    from .pipeline import convert
 
     from .errors import ConvertError
 
@@ -128,7 +130,7 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
 def checkpoint_sha256(checkpoint: dict) -> str:
     """sha256 of the checkpoint as `build_demo` saves it (torch.save is deterministic, but the
     zip's inner folder is named after the file, so the same file name is used)."""
-    from .checkpoint import sha256_file
+    from appliance.modeldir import sha256_file
 
     with tempfile.TemporaryDirectory(prefix="convert-demo-") as tmp:
         path = Path(tmp) / "demo_checkpoint.pt"

@@ -13,9 +13,10 @@ import onnx
 import torch
 from onnx import helper
 
+from appliance.modeldir import CROP, INPUT_NAME, OUTPUT_NAME
+
 from .checkpoint import LoadedModel
 from .errors import ConvertError
-from .images import CROP, INPUT_NAME, OUTPUT_NAME
 
 LOGITS = "logits"
 

@@ -5,40 +5,22 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from appliance.modeldir import CROP, MEAN, RESIZE_SHORTER, STD
+
 from .errors import ConvertError
-
-RESIZE_SHORTER = 256
-CROP = 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
-
-
-def preprocessing_table() -> dict:
-    """The manifest's `preprocessing` table for the reference preprocessing."""
-    return {
-        "color": "RGB",
-        "resize_shorter": RESIZE_SHORTER,
-        "interpolation": "bilinear-antialias",
-        "crop": CROP,
-        "scale": 1 / 255,
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
 
 
 @functools.lru_cache(maxsize=1)
-def _transform():
+def _transform() -> Callable[[Image.Image], Any]:
     # torchvision is imported lazily: it is the slow part of `import convert`.
     from torchvision import transforms
 
@@ -79,7 +61,7 @@ def preprocess_file(path: Path) -> np.ndarray:
     return reference_tensor(path)
 
 
-# What the server accepts (appliance.imaging.ACCEPTED_FORMATS), as PIL names them; MPO is a phone's multi-picture JPEG.
+# What the server accepts (appliance.contract.ACCEPTED_FORMATS), as PIL names them; MPO is a phone's multi-picture JPEG.
 SERVABLE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 
 

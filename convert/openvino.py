@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.inference.runtimes.openvino import import_openvino
+from appliance.modeldir import import_openvino
 
 ov = import_openvino()
 

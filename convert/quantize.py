@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
 )
 from tqdm import tqdm
 
-from .images import INPUT_NAME
+from appliance.modeldir import INPUT_NAME
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 CALIBRATION_BATCH = 8
@@ -276,7 +276,7 @@ def quantize_int8(
     return Int8Result(path, method, ranking[:hi], chosen.agreement, True, attempts)
 
 
-def _sqnr(reference, other) -> float:
+def _sqnr(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:
     """Signal-to-quantization-noise ratio in dB; NaN when the reference is all zeros."""
     left = np.concatenate([np.ravel(a) for a in reference]).astype(np.float64)
     right = np.concatenate([np.ravel(a) for a in other]).astype(np.float64)

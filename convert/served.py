@@ -13,7 +13,7 @@ import dataclasses
 import io
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +21,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from appliance import imaging
-from appliance.inference.paths import RUNTIME_OF_FORMAT, ServedPath
-from appliance.inference.runtimes import Runtime, create_runtime, runtime_class
+from appliance.inference.runtimes import Runtime, runtime_class
+from appliance.modeldir import RUNTIME_OF_FORMAT, ServedPath
 
 from .images import jpeg_bytes, reference_tensor
+from .verify import infer_all, runtime_for
 
 # The bar a served path must meet, overall and in every class (convert options).
 MIN_AGREEMENT = 0.99
@@ -67,6 +68,14 @@ class Photo:
     @property
     def is_copy(self) -> bool:
         return self.copy_short_side is not None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table convert prints: a measured served path and a note on it."""
+
+    path: ServedPath
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,25 +147,12 @@ def decode_all(photos: list[Photo], golden: list[bytes], spec: imaging.Preproces
     return Decoded(mode, np.stack([t for t, _ in measured]), golden_tensors, 1000 * statistics.median(big))
 
 
-def runtimes_for(candidate: Candidate, bf16: bool) -> list[tuple[str, Runtime]]:
-    """The appliance runtime(s) that serve this artifact: (inference precision, runtime), nothing loaded yet."""
-    name = RUNTIME_OF_FORMAT[candidate.format]
-    config_class = runtime_class(name).Config
-    precisions = ["f32"]
+def precisions_for(candidate: Candidate, bf16: bool) -> list[str]:
+    """The inference precisions this artifact is served at: f32, and bf16 for FP32 where the CPU has it natively."""
+    config_class = runtime_class(RUNTIME_OF_FORMAT[candidate.format]).Config
     if bf16 and candidate.precision == "fp32" and "inference_precision" in {f.name for f in dataclasses.fields(config_class)}:
-        precisions.append("bf16")
-    runtimes = []
-    for precision in precisions:
-        config = config_class()
-        if precision != "f32":
-            config = dataclasses.replace(config, inference_precision=precision)
-        runtimes.append((precision, create_runtime(name, config)))
-    return runtimes
-
-
-def infer_all(runtime: Runtime, tensors: np.ndarray) -> np.ndarray:
-    """Probabilities for every tensor, in batches of the server's size."""
-    return np.concatenate([runtime.infer(np.ascontiguousarray(tensors[i : i + BATCH])) for i in range(0, len(tensors), BATCH)])
+        return ["f32", "bf16"]
+    return ["f32"]
 
 
 def latency_ms(runtime: Runtime, tensor: np.ndarray) -> float:
@@ -210,20 +206,21 @@ def measure_paths(
     bar: Bar,
     *,
     bf16: bool,
-    say=print,
+    say: Callable[[str], None] = print,
 ) -> list[ServedPath]:
     """Every served path of every candidate, measured against `reference` (PyTorch's probabilities)."""
     golden_bytes, golden_reference = golden
     decoded = [decode_all(photos, golden_bytes, spec, mode) for mode in imaging.DECODE_MODES]
     paths = []
     for candidate in candidates:
-        for precision, runtime in runtimes_for(candidate, bf16):
+        for precision in precisions_for(candidate, bf16):
+            runtime = runtime_for(candidate.format, precision)
             runtime.load(candidate.file)
             try:
                 latency = latency_ms(runtime, decoded[0].tensors[0])
                 for d in decoded:
-                    f = figures(reference, infer_all(runtime, d.tensors), labels, photos)
-                    golden_probs = infer_all(runtime, d.golden)
+                    f = figures(reference, infer_all(runtime.infer, d.tensors, batch=BATCH), labels, photos)
+                    golden_probs = infer_all(runtime.infer, d.golden, batch=BATCH)
                     golden_dp = float(np.abs(golden_probs - golden_reference).max())
                     f["golden_max_abs_dp"] = golden_dp
                     f["golden_top1_agreement"] = float(np.mean(golden_probs.argmax(1) == golden_reference.argmax(1)))
@@ -237,18 +234,18 @@ def measure_paths(
     return paths
 
 
-def format_paths(paths: list[ServedPath], bar: Bar, notes: dict[str, str]) -> str:
+def format_paths(rows: list[Row], bar: Bar) -> str:
     """The table convert prints: one row per served path."""
     header = (f"{'served path':<26} {'photos':>7} {'top-1':>8} {'max|dp|':>8} {'med|dp|':>8} "
               f"{'worst class':>16} {'ms/img':>7}  result")
     lines = [header, "-" * len(header)]
-    for p in paths:
+    for row in rows:
+        p, note = row.path, row.note
         f = p.figures
         photos = f"{f['images'] - f['copies']}+{f['copies']}" if f["copies"] else str(f["images"])
         worst = f["worst_class"]
         worst_text = f"{worst} {f['per_class'][worst]['top1_agreement']:.0%}" if worst else "-"
         result = "pass" if p.passed else "FAIL"
-        note = notes.get(p.key, "")
         lines.append(f"{p.key:<26} {photos:>7} {f['top1_agreement']:>8.2%} {f['max_abs_dp']:>8.2e} "
                      f"{f['median_abs_dp']:>8.1e} {worst_text:>16} {p.ms_per_image:>7.1f}  {result}{'  ' + note if note else ''}")
     lines.append(f"bar: top-1 >= {bar.min_agreement:.0%} and max |dp| <= {bar.max_abs_dp:g} overall and in every class "

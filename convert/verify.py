@@ -1,10 +1,23 @@
-"""Artifact parity: how each artifact's probabilities agree with PyTorch FP32 on the reference decode."""
+"""Artifact parity: how each artifact's probabilities agree with PyTorch FP32 on the reference decode.
+
+Artifacts run on the appliance's own runtime classes, default settings (CPU), as the server runs them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from appliance.inference.runtimes import Runtime, create_runtime, runtime_class
+from appliance.modeldir import RUNTIME_OF_FORMAT
+
+# Anything that maps a batch of tensors to probabilities: a loaded Runtime's `infer`, PyTorch's reference.
+Runner = Callable[[np.ndarray], np.ndarray]
 
 # An export check: a wrong graph moves probabilities by 1e-2 and more. A deep network with
 # random residual branches amplifies float32 reordering to 1.1e-4 on 12 MP photos, so 1e-3.
@@ -62,3 +75,28 @@ def measure(reference: np.ndarray, probs: np.ndarray, labels: list[str], bar: di
     agreement = top1_agreement(reference, probs)
     passed = agreement >= bar.get("top1_agreement", 0.0) and max_dp <= bar.get("max_abs_dp", np.inf)
     return Parity(len(reference), max_dp, agreement, per_class, bar, bool(passed))
+
+
+def runtime_for(fmt: str, precision: str = "f32") -> Runtime:
+    """The appliance runtime that serves artifacts of `fmt`, at this inference precision; nothing loaded yet."""
+    name = RUNTIME_OF_FORMAT[fmt]
+    config = runtime_class(name).Config()
+    if precision != "f32":
+        config = dataclasses.replace(config, inference_precision=precision)
+    return create_runtime(name, config)
+
+
+def load_runtime(file: Path, fmt: str) -> Runtime:
+    """The appliance runtime for `fmt` with `file` loaded, default settings (CPU, f32)."""
+    runtime = runtime_for(fmt)
+    runtime.load(file)
+    return runtime
+
+
+def infer_all(runner: Runner, tensors: np.ndarray, *, batch: int, desc: str | None = None) -> np.ndarray:
+    """Probabilities for every tensor, in batches, with a progress bar on stderr when `desc` is set."""
+    outputs = []
+    starts = range(0, len(tensors), batch)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        outputs.append(runner(np.ascontiguousarray(tensors[start : start + batch])))
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

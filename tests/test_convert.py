@@ -12,7 +12,7 @@ from convert.__main__ import main
 from convert.checkpoint import load_checkpoint
 from convert.errors import ConvertError
 from convert.images import preprocess_file
-from convert.runtimes import onnx_runner, openvino_runner
+from convert.verify import load_runtime
 
 from .convert_helpers import (LABELS, assert_bars, assert_hashes, load_manifest, make_resnet18, sha256, write_checkpoint,
                               write_phone_photos, write_photo_dir)
@@ -146,15 +146,21 @@ def test_missing_calibration_dir(tmp_path, capsys):
     assert "calibration directory not found" in err
 
 
-def test_failure_mid_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+def convert_failing_at_golden(tmp_path, capsys, monkeypatch, error: Exception):
+    """Convert a ResNet18 whose build fails with `error` half-way (writing the golden images); (path, code, err)."""
     import convert.golden
 
     def broken(*args, **kwargs):
-        raise ConvertError("injected failure")
+        raise error
 
     monkeypatch.setattr(convert.golden, "write_golden", broken)
     path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
-    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    code, _, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    return path, code, err
+
+
+def test_failure_mid_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+    _, code, err = convert_failing_at_golden(tmp_path, capsys, monkeypatch, ConvertError("injected failure"))
     assert (code, err.strip().splitlines()[-1]) == (1, "convert: error: injected failure")
     assert_nothing_written(tmp_path / "models")
 
@@ -240,8 +246,8 @@ def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(tensors)), 1).numpy()
     np.testing.assert_allclose(np.array([g["probabilities"] for g in golden]), expected, atol=1e-5)
-    for key, runner in [("onnx-fp32", onnx_runner(version / "model.onnx")),
-                        ("openvino-fp32", openvino_runner(version / "openvino/fp32/model.xml"))]:
+    for key, runner in [("onnx-fp32", load_runtime(version / "model.onnx", "onnx").infer),
+                        ("openvino-fp32", load_runtime(version / "openvino/fp32/model.xml", "openvino").infer)]:
         got = runner(tensors)
         assert np.max(np.abs(got - expected)) <= 1e-4, key
         assert got.shape == (len(golden), 3)
@@ -281,7 +287,7 @@ def test_every_calibration_method_runs_on_a_ragged_mixed_set(tmp_path, method):
     loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
     export_onnx(loaded, tmp_path / "model.onnx")
     int8 = Quantizer(tmp_path / "model.onnx", tmp_path, photos.tensors).quantize(method, [])
-    probs = onnx_runner(int8)(photos.tensors)
+    probs = load_runtime(int8, "onnx").infer(photos.tensors)
     assert probs.shape == (11, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
@@ -302,14 +308,8 @@ def test_one_photo_converts_and_says_what_it_verified_on(tmp_path, capsys):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
-    import convert.golden
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("setting an array element with a sequence\nmore detail")
-
-    monkeypatch.setattr(convert.golden, "write_golden", broken)
-    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
-    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST)
+    error = RuntimeError("setting an array element with a sequence\nmore detail")
+    path, code, err = convert_failing_at_golden(tmp_path, capsys, monkeypatch, error)
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         "convert: error: unexpected RuntimeError: setting an array element with a sequence; nothing was written. "

@@ -10,7 +10,7 @@ from convert.__main__ import main
 from convert.demo import DEMO_SEED, synthetic_photos
 from convert.golden import margin
 from convert.images import preprocess_file
-from convert.runtimes import onnx_runner, openvino_runner
+from convert.verify import load_runtime
 
 from .convert_helpers import assert_bars, assert_hashes, load_manifest
 
@@ -71,7 +71,7 @@ def test_demo_int8_is_kept_degraded_with_its_figures(demo_dir):
 
 
 def test_demo_answers_vary_with_the_input(demo_dir):
-    run = onnx_runner(demo_dir / "model.onnx")
+    run = load_runtime(demo_dir / "model.onnx", "onnx").infer
     from convert.images import preprocess
 
     probs = run(preprocess(synthetic_photos(16, 99)))
@@ -95,10 +95,10 @@ def test_demo_golden_vectors(demo_dir):
     tensors = np.stack([preprocess_file(demo_dir / g["file"]) for g in golden])
     expected = np.array([g["probabilities"] for g in golden])
     runners = {
-        "onnx-fp32": onnx_runner(demo_dir / "model.onnx"),
-        "onnx-int8": onnx_runner(demo_dir / "model.int8.onnx"),
-        "openvino-fp32": openvino_runner(demo_dir / "openvino/fp32/model.xml"),
-        "openvino-int8": openvino_runner(demo_dir / "openvino/int8/model.xml"),
+        "onnx-fp32": load_runtime(demo_dir / "model.onnx", "onnx").infer,
+        "onnx-int8": load_runtime(demo_dir / "model.int8.onnx", "onnx").infer,
+        "openvino-fp32": load_runtime(demo_dir / "openvino/fp32/model.xml", "openvino").infer,
+        "openvino-int8": load_runtime(demo_dir / "openvino/int8/model.xml", "openvino").infer,
     }
     for key, runner in runners.items():
         got = runner(tensors)

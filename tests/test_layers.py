@@ -24,7 +24,7 @@ RANKS = {
     "cases": 40, "sync": 40, "modelfetch": 40, "ops": 40,
     "inference": 30, "storage": 30, "buckets": 30, "security": 30,
     "imaging": 20, "privacy": 20,
-    "contract": 10, "settings": 10, "importer": 10,
+    "contract": 10, "settings": 10, "importer": 10, "modeldir": 10,
     "errors": 0, "__init__": 0,
 }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from appliance.errors import ModelError
-from appliance.inference.paths import ServedPath, Wanted, choose_path
+from appliance.inference.paths import Wanted, choose_path
+from appliance.modeldir import ServedPath
 
 FIGURES = {"images": 40, "copies": 0, "top1_agreement": 1.0, "max_abs_dp": 0.01, "median_abs_dp": 0.001,
            "worst_class": "mel", "per_class": {}}
@@ -34,6 +35,13 @@ def choose(wanted: Wanted) -> ServedPath:
     return choose_path(PATHS, wanted, rank={}, source="models/clinic/1").path
 
 
+def refusal(paths: list[ServedPath], wanted: Wanted, source: str = "models/clinic/1") -> str:
+    """The ModelError message choosing among `paths` for `wanted` raises."""
+    with pytest.raises(ModelError) as caught:
+        choose_path(paths, wanted, rank={}, source=source)
+    return str(caught.value)
+
+
 def test_auto_serves_the_fastest_path_that_met_the_bar() -> None:
     assert choose(Wanted("openvino", "f32")).key == "openvino-fp32/exact"
     assert choose(Wanted("openvino", "bf16")).key == "openvino-fp32@bf16/exact"
@@ -49,9 +57,7 @@ def test_the_reason_gives_the_measurement() -> None:
 
 
 def test_settings_no_passing_path_allows_are_refused_naming_the_settings_that_work() -> None:
-    with pytest.raises(ModelError) as caught:
-        choose(Wanted("openvino", "f32", decode="fast"))
-    assert str(caught.value) == (
+    assert refusal(PATHS, Wanted("openvino", "f32", decode="fast")) == (
         'no served path of models/clinic/1 met the bar for runtime.backend = "openvino" (f32), model.artifact = "auto", '
         'imaging.decode = "fast" (openvino-int8/fast: top-1 92.5%, max |dp| 0.158, worst class mel; '
         'openvino-fp32/fast: top-1 97.5%, max |dp| 0.158, worst class mel); these passed: set '
@@ -71,9 +77,7 @@ def test_a_named_artifact_that_missed_the_bar_is_served_flagged() -> None:
 
 def test_nothing_passed_names_the_convert_options() -> None:
     failing = [p for p in PATHS if not p.passed]
-    with pytest.raises(ModelError) as caught:
-        choose_path(failing, Wanted("onnxruntime", "f32"), rank={}, source="models/x/1")
-    assert str(caught.value) == (
+    assert refusal(failing, Wanted("onnxruntime", "f32"), "models/x/1") == (
         'models/x/1 has no served path for runtime.backend = "onnxruntime" (f32), model.artifact = "auto", '
         'imaging.decode = "auto", and no other path passed either: reconvert with more (or more typical) photos '
         'in --calibration-dir, or relax the bar with --min-agreement / --max-dp'
@@ -90,9 +94,7 @@ def test_json_round_trip_keeps_every_figure() -> None:
 
 def test_openvino_never_serves_a_path_measured_on_onnx_runtime() -> None:
     onnx_only = [p for p in PATHS if p.runtime == "onnxruntime"]
-    with pytest.raises(ModelError) as caught:
-        choose_path(onnx_only, Wanted("openvino", "f32"), rank={}, source="m")
-    assert str(caught.value) == (
+    assert refusal(onnx_only, Wanted("openvino", "f32"), "m") == (
         'm has no served path for runtime.backend = "openvino" (f32), model.artifact = "auto", imaging.decode = "auto"; '
         'these passed: set runtime.backend = "onnxruntime" (onnx-fp32/fast); or runtime.backend = "onnxruntime" '
         '(onnx-fp32/exact)'

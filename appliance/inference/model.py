@@ -1,4 +1,4 @@
-"""A model directory made by `convert`: manifest, served-path choice, integrity, warm-up, self-check.
+"""Serving a model directory made by `convert`: served-path choice, integrity, warm-up, self-check.
 
 `load_model` is the only way a runtime gets a model: it refuses (ModelError,
 one line naming the fix) a missing or tampered file, a shape or label
@@ -9,63 +9,27 @@ PyTorch's answers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import imaging
+from .. import imaging, modeldir
 from ..errors import ModelError
-from .paths import Choice, ServedPath, Wanted, choose_path, legacy_paths
+# Manifest is re-exported: the API layer names the served model's manifest from here.
+from ..modeldir import MANIFEST, Artifact, Manifest as Manifest, ServedPath, verify_files
+from .paths import Choice, Wanted, choose_path, legacy_paths
 from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "model.json"
-# Beside the manifest: its sha256 (format 2 on), so a truncated or edited model.json is refused.
-MANIFEST_DIGEST = "model.json.sha256"
-FORMATS = (1, 2)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
 # For manifests of format 1, which measured no times: lower is assumed faster.
 PRECISION_SPEED_RANK = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """One servable file set of a model version (e.g. `onnx-int8`)."""
-
-    key: str
-    format: str
-    precision: str
-    file: str
-    files: dict[str, str]  # relative path -> sha256
-    degraded: bool
-    selfcheck_max_abs_dp: float
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of `model.json` the server relies on."""
-
-    directory: Path
-    name: str
-    version: str
-    demo: bool
-    labels: tuple[str, ...]
-    input_shape: tuple[int, ...]
-    preprocessing: imaging.Preprocessing
-    artifacts: dict[str, Artifact]
-    golden: tuple[tuple[str, tuple[float, ...]], ...]
-    golden_sha256: dict[str, str]  # golden file -> sha256 (format 2 on)
-    served_paths: tuple[ServedPath, ...]
-    # The graph's tensor names (the KServe v2 API speaks them).
-    input_name: str = "input"
-    output_name: str = "probabilities"
 
 
 @dataclass
@@ -128,66 +92,12 @@ def _suggest_name(path: Path) -> str:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Parse and sanity-check `model.json`."""
-    path = directory / MANIFEST
-    try:
-        text = path.read_bytes()
-        raw = json.loads(text)
-        fmt = raw.get("format", 1)
-        if fmt not in FORMATS:
-            raise ModelError(f"{path}: format {fmt!r} is not one this appliance reads ({', '.join(map(str, FORMATS))}); "
-                             f"upgrade the appliance or reconvert with its convert")
-        if fmt >= 2:
-            _check_manifest_digest(directory, text)
-        labels = tuple(str(label) for label in raw["labels"])
-        artifacts = {
-            key: Artifact(
-                key=key,
-                format=str(a["format"]),
-                precision=str(a["precision"]),
-                file=str(a["file"]),
-                files={str(k): str(v) for k, v in a.get("files", {a["file"]: a["sha256"]}).items()},
-                degraded=bool(a.get("degraded", False)),
-                selfcheck_max_abs_dp=float(a.get("selfcheck_max_abs_dp", 0.01)),
-            )
-            for key, a in raw["artifacts"].items()
-        }
-        golden = tuple((str(g["file"]), tuple(float(p) for p in g["probabilities"])) for g in raw.get("golden", []))
-        golden_sha256 = {str(g["file"]): str(g["sha256"]) for g in raw.get("golden", []) if "sha256" in g}
-        if fmt >= 2:
-            served = tuple(ServedPath.from_json(p) for p in raw["served_paths"].values())
-        else:
-            formats = {name: runtime_class(name).formats for name in RUNTIMES}
-            served = tuple(legacy_paths(artifacts.values(), formats))
-        unknown = sorted({p.artifact for p in served} - set(artifacts))
-        if unknown:
-            raise ValueError(f"served_paths name artifacts it does not list: {', '.join(unknown)}")
-        manifest = Manifest(
-            directory=directory,
-            name=str(raw["name"]),
-            version=str(raw["version"]),
-            demo=bool(raw.get("demo", False)),
-            labels=labels,
-            input_shape=tuple(int(d) for d in raw["input"]["shape"]),
-            preprocessing=imaging.Preprocessing.from_manifest(raw.get("preprocessing", {})),
-            artifacts=artifacts,
-            golden=golden,
-            golden_sha256=golden_sha256,
-            served_paths=served,
-            input_name=str(raw["input"].get("name", "input")),
-            output_name=str(raw.get("output", {}).get("name", "probabilities")),
-        )
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: not a valid manifest ({type(exc).__name__}: {exc})") from None
-    crop = manifest.preprocessing.crop
-    if manifest.input_shape[1:] != (3, crop, crop):
-        raise ModelError(f"{path}: input shape {list(manifest.input_shape)} does not match the {crop}x{crop} crop")
-    for file, probabilities in golden:
-        if len(probabilities) != len(labels):
-            raise ModelError(f"{path}: golden {file} has {len(probabilities)} probabilities for {len(labels)} labels")
-    return manifest
+    """Parse and sanity-check `model.json` (see modeldir.read_manifest); format 1's paths from the runtime registry."""
+    def legacy(artifacts: Iterable[Artifact]) -> list[ServedPath]:
+        # Only a format 1 manifest asks, so only then are the runtime classes imported.
+        return legacy_paths(artifacts, {name: runtime_class(name).formats for name in RUNTIMES})
+
+    return modeldir.read_manifest(directory, legacy)
 
 
 def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choice:
@@ -208,40 +118,6 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
     if choice.degraded or manifest.artifacts[choice.path.artifact].degraded:
         log.warning("SERVING A DEGRADED PATH: %s missed its parity bar; answers are flagged", choice.path.key)
     return choice
-
-
-def _check_manifest_digest(directory: Path, text: bytes) -> None:
-    """model.json must match the sha256 convert wrote beside it."""
-    path = directory / MANIFEST_DIGEST
-    try:
-        expected = path.read_text(encoding="ascii").split()[0]
-    except (FileNotFoundError, IndexError, UnicodeDecodeError):
-        raise ModelError(f"{path}: missing or empty; the model directory is incomplete: copy it again or reconvert") from None
-    actual = hashlib.sha256(text).hexdigest()
-    if actual != expected:
-        raise ModelError(f"{directory / MANIFEST}: sha256 {actual[:12]}… does not match {MANIFEST_DIGEST}'s "
-                         f"{expected[:12]}…; the manifest was changed after convert wrote it: copy it again or reconvert")
-
-
-def verify_files(directory: Path, files: dict[str, str], what: str) -> None:
-    """Check every file (relative path -> sha256) against the manifest's sha256."""
-    for relative, expected in files.items():
-        path = directory / relative
-        try:
-            actual = sha256_file(path)
-        except FileNotFoundError:
-            raise ModelError(f"{path}: missing ({what})") from None
-        if actual != expected:
-            raise ModelError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int) -> LoadedModel:
@@ -297,15 +173,15 @@ def self_check(model: LoadedModel, max_batch: int) -> float:
     if not manifest.golden:
         raise ModelError(f"{manifest.directory / MANIFEST}: no golden images; the self-check cannot run")
     tensors = []
-    for file, _ in manifest.golden:
-        data = (manifest.directory / file).read_bytes()
+    for image in manifest.golden:
+        data = (manifest.directory / image.file).read_bytes()
         tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode).tensor)
     answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
                               for i in range(0, len(tensors), max_batch)])
     worst = 0.0
     limit = served.selfcheck_max_abs_dp
-    for (file, expected), got in zip(manifest.golden, answers):
-        expected_arr = np.asarray(expected, dtype=np.float64)
+    for image, got in zip(manifest.golden, answers):
+        file, expected_arr = image.file, np.asarray(image.probabilities, dtype=np.float64)
         delta = float(np.max(np.abs(got.astype(np.float64) - expected_arr)))
         worst = max(worst, delta)
         top_expected, top_got = int(np.argmax(expected_arr)), int(np.argmax(got))

@@ -1,80 +1,24 @@
-"""Served paths: an artifact, a decode mode and an inference precision, as `convert` measured them.
+"""Choosing the served path (an artifact, a decode mode and an inference precision) among those `convert` measured.
 
 What the clinic gets is not the artifact alone: how a photo is decoded (imaging's
 "fast" DCT-scaled JPEG decode or its "exact" whole decode) and, on OpenVINO, the
 inference precision move the probabilities too. `convert` runs each combination the
 way the server does, on the clinic's verification photos, against PyTorch, and writes
 the figures to model.json's `served_paths`. The server serves the fastest path that
-met the bar among those the configured runtime and settings allow.
+met the bar among those the configured runtime and settings allow; `modeldir.ServedPath`
+is one path as model.json records it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from ..errors import ModelError
-from ..imaging import DECODE_MODES, DecodeMode
-
-# The runtime a format's artifacts are measured (and served) on.
-RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino"}
+from ..modeldir import DECODE_MODES, Artifact, ServedPath
 
 
-@dataclass(frozen=True)
-class ServedPath:
-    """One way of answering: artifact + runtime + decode mode + inference precision, and its figures."""
-
-    artifact: str
-    runtime: str
-    decode: DecodeMode
-    inference_precision: str  # the runtime's inference precision: "f32" or "bf16"
-    passed: bool
-    selfcheck_max_abs_dp: float
-    ms_per_image: float | None = None  # decode + inference, batch 1, as convert measured it
-    figures: Mapping[str, Any] = field(default_factory=dict)  # verification figures, as convert wrote them
-
-    @property
-    def key(self) -> str:
-        """`openvino-int8/fast`, `openvino-fp32@bf16/exact`."""
-        precision = "" if self.inference_precision == "f32" else f"@{self.inference_precision}"
-        return f"{self.artifact}{precision}/{self.decode}"
-
-    def summary(self) -> str:
-        """Its verification figures in a few words (for logs and refusals)."""
-        f = self.figures
-        if "top1_agreement" not in f:
-            return self.key
-        return (f"{self.key}: top-1 {f['top1_agreement']:.1%}, max |dp| {f['max_abs_dp']:.3g}"
-                f"{', worst class ' + str(f['worst_class']) if f.get('worst_class') else ''}")
-
-    def to_json(self) -> dict[str, Any]:
-        """The `served_paths.<key>` table of model.json."""
-        return {
-            "artifact": self.artifact, "runtime": self.runtime, "decode": self.decode,
-            "inference_precision": self.inference_precision,
-            "passed": self.passed, "ms_per_image": self.ms_per_image,
-            "selfcheck_max_abs_dp": self.selfcheck_max_abs_dp, **self.figures,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ServedPath:
-        """Parse one `served_paths` table; KeyError/ValueError/TypeError on a bad one."""
-        decode = next((mode for mode in DECODE_MODES if mode == raw["decode"]), None)
-        if decode is None:
-            raise ValueError(f"decode {raw['decode']!r} is not one of {', '.join(DECODE_MODES)}")
-        ms = raw.get("ms_per_image")
-        own = {"artifact", "runtime", "decode", "inference_precision", "passed", "ms_per_image", "selfcheck_max_abs_dp"}
-        return cls(
-            artifact=str(raw["artifact"]), runtime=str(raw["runtime"]), decode=decode,
-            inference_precision=str(raw["inference_precision"]), passed=bool(raw["passed"]),
-            selfcheck_max_abs_dp=float(raw["selfcheck_max_abs_dp"]),
-            ms_per_image=None if ms is None else float(ms),
-            figures={k: v for k, v in raw.items() if k not in own},
-        )
-
-
-def legacy_paths(artifacts: Iterable[Any], runtimes: Mapping[str, tuple[str, ...]]) -> list[ServedPath]:
+def legacy_paths(artifacts: Iterable[Artifact], runtimes: Mapping[str, tuple[str, ...]]) -> list[ServedPath]:
     """Paths for a manifest of format 1, which measured artifacts only (on the reference decode).
 
     Every runtime that loads the format may serve it, with either decode, as before
@@ -134,7 +78,7 @@ def choose_path(paths: list[ServedPath], wanted: Wanted, *, rank: Mapping[str, i
 
     `rank` orders artifacts where convert measured no time (manifests of format 1).
     """
-    def speed(p: ServedPath) -> tuple:
+    def speed(p: ServedPath) -> tuple[bool, float, int, int]:
         return (p.ms_per_image is None, p.ms_per_image or 0.0, rank.get(p.artifact, len(rank)),
                 DECODE_MODES.index(p.decode))
 

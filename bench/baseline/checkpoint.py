@@ -18,7 +18,7 @@ class CheckpointMismatch(Exception):
 
 def demo_checkpoint(model_dir: Path, cache_dir: Path) -> Path:
     """The path of the demo checkpoint matching `model_dir`'s manifest, built on first use."""
-    from appliance.inference.model import sha256_file
+    from appliance.modeldir import sha256_file
 
     source = json.loads((model_dir / "model.json").read_text())["source"]
     expected = source["sha256"]

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from ...errors import RuntimeLoadError
+# One telemetry-free import of OpenVINO for the appliance and convert alike (re-exported for callers of this module).
+from ...modeldir import import_openvino as import_openvino
 
 log = logging.getLogger(__name__)
-
-
-def import_openvino() -> Any:
-    """`import openvino`, with its usage telemetry off; every import of it should go through here.
-
-    Importing openvino also imports its model converter, which writes a client id under
-    ~/intel at once and reports each conversion to Google Analytics unless the user opted
-    out (openvino-telemetry: a missing consent file counts as consent). Neither the
-    appliance nor `convert` reports anything to anyone: with openvino_telemetry made
-    unimportable, OpenVINO falls back to its own no-op stub.
-    """
-    # None: `import` raises ImportError (the import system's documented block); typeshed
-    # types sys.modules as modules only, hence the cast.
-    sys.modules.setdefault("openvino_telemetry", cast(ModuleType, None))
-    import openvino
-
-    return openvino
 
 
 @dataclass(frozen=True)
