@@ -16,7 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from . import images, procs, profiling
 from .load import LoadResult, run_load
@@ -364,8 +365,8 @@ def profile(bench: Bench) -> list[dict[str, Any]]:
             _check_answer(server, workload)
             seconds = bench.cell_s
             result: dict[str, Any] = {}
-            load = threading.Thread(target=lambda: result.update(measure_cell(
-                server, "/check-image", workload.body_path, images.MULTIPART_TYPE, 4, seconds + 2)))
+            load = threading.Thread(target=lambda result=result, workload=workload, seconds=seconds: result.update(
+                measure_cell(server, "/check-image", workload.body_path, images.MULTIPART_TYPE, 4, seconds + 2)))
             load.start()
             time.sleep(1)
             raw = bench.out / f"profile-{key}.txt"

@@ -203,7 +203,7 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
         artifacts=artifacts,
         golden=tuple(
             GoldenImage(path.relative_to(root).as_posix(), tuple(float(x) for x in probs), sha256_file(path))
-            for path, probs in zip(golden.files, golden.probabilities)
+            for path, probs in zip(golden.files, golden.probabilities, strict=True)
         ),
         served_paths=tuple(paths),
         verification={"photos": len(build.split.verification), "source": build.split.source,

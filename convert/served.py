@@ -143,7 +143,7 @@ def decode_all(photos: list[Photo], golden: list[bytes], spec: imaging.Preproces
     measured = list(run([p.data for p in photos]))
     golden_tensors = np.stack([t for t, _ in run(golden)])
     # 12 MP phone photos are what the server will mostly decode; time those when there are some.
-    big = [s for (_, s), p in zip(measured, photos) if p.copy_short_side == PHONE_SHORT_SIDE] or [s for _, s in measured]
+    big = [s for (_, s), p in zip(measured, photos, strict=True) if p.copy_short_side == PHONE_SHORT_SIDE] or [s for _, s in measured]
     return Decoded(mode, np.stack([t for t, _ in measured]), golden_tensors, 1000 * statistics.median(big))
 
 

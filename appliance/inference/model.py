@@ -180,7 +180,7 @@ def self_check(model: LoadedModel, max_batch: int) -> float:
                               for i in range(0, len(tensors), max_batch)])
     worst = 0.0
     limit = served.selfcheck_max_abs_dp
-    for image, got in zip(manifest.golden, answers):
+    for image, got in zip(manifest.golden, answers, strict=True):
         file, expected_arr = image.file, np.asarray(image.probabilities, dtype=np.float64)
         delta = float(np.max(np.abs(got.astype(np.float64) - expected_arr)))
         worst = max(worst, delta)
