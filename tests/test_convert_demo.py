@@ -116,7 +116,7 @@ def test_synthetic_photos_are_deterministic():
     first = synthetic_photos(3, 5, (64, 48))
     again = synthetic_photos(4, 5, (64, 48))
     assert [im.size for im in first] == [(64, 48)] * 3
-    for a, b in zip(first, again, strict=True):
+    for a, b in zip(first, again[:3], strict=True):  # a longer list starts with the same photos
         assert a.tobytes() == b.tobytes()
     assert first[0].tobytes() != synthetic_photos(1, 6, (64, 48))[0].tobytes()
 
