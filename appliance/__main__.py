@@ -173,11 +173,13 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     from .ops.logs import configure_logging
     from .process.serving import run_until_stopped
     from .security.auth import is_loopback, load_api_keys, tls_context
+    from .security.exposure import check_exposure
     from .security.limits import server_options
 
     configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    check_exposure(config.server, host)  # again: --host may widen what the config allowed
     keys = load_api_keys(config.auth)
     if not keys and not is_loopback(host) and not (args.insecure or config.server.allow_insecure):
         raise ConfigError(f"refusing to serve {host}:{port} without an API key: set [auth] keys_file, API_KEY or "
