@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate the configuration and the model directory, then exit",
         description="Parse the config with every override applied, resolve the model directory and read its "
-        "manifest; print a summary and exit 0, or one line naming the problem and exit 1. Fit for ExecStartPre=.",
+        "manifest, load the TLS certificate and key; print a summary (with the certificate's SHA-256 fingerprint, for "
+        "phones to pin) and exit 0, or one line naming the problem and exit 1. Fit for ExecStartPre=.",
     )
     check.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
 
@@ -145,10 +146,12 @@ def check_config(config: Config) -> int:
     from .inference.model import choose, read_manifest, resolve_model_dir
     from .inference.runtimes import runtime_class
     from .modelfetch import cached_model_dir
-    from .security.auth import load_api_keys
+    from .security.auth import load_api_keys, tls_context
+    from .security.tls import fingerprint_sha256
     from .storage.crypto import load_sealer
 
     load_api_keys(config.auth)
+    tls_context(config.server)  # an unreadable key, or one not matching the certificate, fails here
     load_sealer(config.storage.encrypt, config.storage.key_file)  # a missing or malformed key fails here
     if config.model.url:
         # Fetched and verified at start; the network is not asked here. Check the cached copy if any.
@@ -162,8 +165,11 @@ def check_config(config: Config) -> int:
         manifest = read_manifest(directory)
         choice = choose(manifest, wanted_path(config), runtime_class(config.runtime.backend).formats)
         model = f"model {manifest.name} v{manifest.version} ({choice.path.key}{', DEMO' if manifest.demo else ''})"
+    tls = config.server.tls_cert_file
+    scheme = f"https (certificate SHA-256 {fingerprint_sha256(tls)})" if tls else "http"
     print(f"config OK: {model} from {origin}; runtime {config.runtime.backend}; "
-          f"store {config.storage.backend} at {config.storage.root}; listening on {config.server.host}:{config.server.port}")
+          f"store {config.storage.backend} at {config.storage.root}; "
+          f"listening on {config.server.host}:{config.server.port} over {scheme}")
     return 0
 
 
@@ -173,11 +179,13 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     from .ops.logs import configure_logging
     from .process.serving import run_until_stopped
     from .security.auth import is_loopback, load_api_keys, tls_context
+    from .security.exposure import check_exposure
     from .security.limits import server_options
 
     configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    check_exposure(config.server, host)  # again: --host may widen what the config allowed
     keys = load_api_keys(config.auth)
     if not keys and not is_loopback(host) and not (args.insecure or config.server.allow_insecure):
         raise ConfigError(f"refusing to serve {host}:{port} without an API key: set [auth] keys_file, API_KEY or "

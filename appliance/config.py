@@ -28,6 +28,7 @@ from .inference.runtimes import RUNTIMES, runtime_config_class
 from .inference.runtimes.onnxruntime import LEGACY_DEVICES
 from .settings import Check, check_fields, positive, setting
 from .security.config import AuthConfig, LimitsConfig, ServerConfig
+from .security.exposure import check_exposure
 from .storage.config import StorageConfig
 from .sync.config import SyncConfig, check_sync
 
@@ -199,6 +200,7 @@ def _check_choices(config: Config) -> None:
                           'every photo whole; set imaging.decode = "auto" or "exact"')
     if (config.server.tls_cert_file is None) != (config.server.tls_key_file is None):
         raise ConfigError("server.tls_cert_file and server.tls_key_file: expected both or neither")
+    check_exposure(config.server, config.server.host)
 
 
 def parse_dataclass(cls: type, table: Mapping[str, Any], where: str) -> Any:

@@ -8,6 +8,12 @@
 #   sudo deploy/install.sh --remove --purge   ... and delete config, credentials, data and cache
 #
 # Options: --convert also installs the convert extra (torch; large download).
+# HTTPS: the first install makes /etc/appliance/tls.crt and its key
+# (/etc/credstore/appliance.tls.key), self-signed for this box's host names and
+# addresses; upgrades keep them and print the SHA-256 fingerprint phones pin.
+#   --tls-name NAME           also certify NAME (a DNS name or IP address; repeat)
+#   --tls-ca CERT --tls-ca-key KEY   sign it with the clinic's own CA instead
+#                             (PEM files; re-issues the certificate on every run)
 # Environment: PREFIX (default /opt/appliance) for the program; DESTDIR to
 # install into a scratch root (packaging, tests: systemd is then left alone);
 # PYTHON (default python3); WHEELHOUSE, a directory of wheels to install from
@@ -32,15 +38,19 @@ STATE_DIR=$ROOT/var/lib/appliance
 CACHE_DIR=$ROOT/var/cache/appliance
 MODELS_DIR=$STATE_DIR/models
 
-MODEL="" DEMO=0 CONVERT=0 REMOVE=0 PURGE=0
+MODEL="" DEMO=0 CONVERT=0 REMOVE=0 PURGE=0 TLS_CA="" TLS_CA_KEY=""
+TLS_NAMES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) MODEL=${2:?--model needs a directory}; shift ;;
         --demo) DEMO=1 ;;
         --convert) CONVERT=1 ;;
+        --tls-name) TLS_NAMES+=("${2:?--tls-name needs a name}"); shift ;;
+        --tls-ca) TLS_CA=${2:?--tls-ca needs a PEM file}; shift ;;
+        --tls-ca-key) TLS_CA_KEY=${2:?--tls-ca-key needs a PEM file}; shift ;;
         --remove) REMOVE=1 ;;
         --purge) PURGE=1 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -56,6 +66,9 @@ if [ -z "$DESTDIR" ] && [ "$(id -u)" != 0 ]; then
     die "run as root (sudo), or set DESTDIR to install into a scratch root"
 fi
 [ "$PURGE" = 1 ] && [ "$REMOVE" = 0 ] && die "--purge goes with --remove"
+if { [ -n "$TLS_CA" ] && [ -z "$TLS_CA_KEY" ]; } || { [ -z "$TLS_CA" ] && [ -n "$TLS_CA_KEY" ]; }; then
+    die "--tls-ca and --tls-ca-key go together"
+fi
 
 remove() {
     if manage_systemd; then
@@ -127,6 +140,35 @@ install_config() {
     fi
 }
 
+# The names phones may use for this box: its host names and its addresses.
+box_names() {
+    local host
+    host=$(hostname)
+    printf '%s\n' "$host" "$host.local" "$(hostname -f 2>/dev/null || true)" localhost
+    hostname -I 2>/dev/null | tr ' ' '\n'
+    printf '%s\n' 127.0.0.1 ::1
+}
+
+install_certificate() {
+    local cert=$CONFIG_DIR/tls.crt key=$CREDSTORE/appliance.tls.key fingerprint
+    local tls=("$VENV/bin/python" -m appliance.security.tls)
+    if [ -e "$cert" ] && [ -z "$TLS_CA" ]; then
+        fingerprint=$("$VENV/bin/python" -c 'import sys; from appliance.security.tls import fingerprint_sha256 as f
+print(f(sys.argv[1]))' "$cert")
+        say "kept the certificate $cert (SHA-256 $fingerprint)"
+        return
+    fi
+    local args=(--cert "$cert" --key "$key") name
+    while read -r name; do
+        [ -n "$name" ] && args+=(--name "$name")
+    done < <(printf '%s\n' "${TLS_NAMES[@]}"; box_names)
+    [ -n "$TLS_CA" ] && args+=(--ca-cert "$TLS_CA" --ca-key "$TLS_CA_KEY")
+    fingerprint=$("${tls[@]}" "${args[@]}") || die "could not make the TLS certificate"
+    chmod 0644 "$cert"
+    say "made the TLS certificate $cert ($([ -n "$TLS_CA" ] && echo "signed by $TLS_CA" || echo self-signed)); \
+phones pin its SHA-256 fingerprint: $fingerprint"
+}
+
 install_model() {
     install -d -m 0700 "$STATE_DIR"
     install -d -m 0755 "$MODELS_DIR"
@@ -188,6 +230,7 @@ else
     install_program
     install_units
     install_config
+    install_certificate
     install_model
     start
 fi

@@ -48,9 +48,10 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"server": {"prot": 1}}, "server.prot: unknown key (expected one of allow_insecure, allowed_origins, "
-                                  "body_timeout_s, host, idle_timeout_s, max_body_bytes, max_header_bytes, max_headers, "
-                                  "max_json_bytes, port, shutdown_timeout_s, tls_cert_file, tls_key_file)"),
+        ({"server": {"prot": 1}}, "server.prot: unknown key (expected one of allow_insecure, allow_plain_http, "
+                                  "allowed_origins, body_timeout_s, host, idle_timeout_s, max_body_bytes, "
+                                  "max_header_bytes, max_headers, max_json_bytes, port, shutdown_timeout_s, "
+                                  "tls_cert_file, tls_key_file)"),
         ({"limits": {"requests_per_minute": -1}}, "limits.requests_per_minute: expected 0 (off) or more; got -1"),
         ({"limits": {"max_concurrent_bodies": 0}}, "limits.max_concurrent_bodies: expected a positive number; got 0"),
         ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s: expected a positive number of seconds; got 0.0"),
@@ -81,6 +82,7 @@ def test_old_environment_variables_override_the_file(tmp_path: Path) -> None:
         "STORAGE_ROOT": "/srv/data", "CASE_ID_START": "500", "BACKSERVER_HOST": "0.0.0.0",
         "BACKSERVER_PORT": "9000", "MODEL_DEVICE": "cuda",
         "ALLOWED_ORIGINS": "https://app.clinic.example, http://10.0.0.5:8080",
+        "APPLIANCE_SERVER__ALLOW_PLAIN_HTTP": "true",  # 0.0.0.0 without TLS_CERT_FILE: tests/test_exposure.py
     })
     assert config.server.allowed_origins == ("https://app.clinic.example", "http://10.0.0.5:8080")
     assert config.model.path == Path("/srv/models/ham")

@@ -128,7 +128,7 @@ async def test_status_json(aiohttp_client: Any, make_config: Any) -> None:
     assert status["storage"]["backend"] == "sqlite" and status["storage"]["images"] == 2
     assert status["storage"]["disk_total_bytes"] > status["storage"]["disk_free_bytes"] > 0
     assert status["sync"] is None
-    assert status["security"] == {"api_keys": 1, "tls": False}
+    assert status["security"] == {"api_keys": 1, "tls": False, "tls_fingerprint_sha256": None}
     text = json.dumps(status)
     assert "user001" not in text  # no user ids, records or images: counts only
 

@@ -126,7 +126,8 @@ def serve_command(*args: str) -> list[str]:
 
 def test_serve_refuses_a_lan_address_without_a_key(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text(f'[server]\nhost = "0.0.0.0"\n[model]\npath = "{tiny_model_dir}"\n')
+    config.write_text(f'[server]\nhost = "0.0.0.0"\nallow_plain_http = true\nallowed_origins = []\n'
+                      f'[model]\npath = "{tiny_model_dir}"\n')
     run = subprocess.run(serve_command("--config", str(config)), capture_output=True, text=True, cwd=ROOT,
                          env={"PATH": os.environ.get("PATH", "")}, timeout=60)
     assert run.returncode == 1

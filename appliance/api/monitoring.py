@@ -11,12 +11,14 @@ details (sync errors, storage paths) away from anyone who merely reaches the box
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import shutil
 import time
 import uuid
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +26,7 @@ from aiohttp import web
 
 from ..contract import sanitize_user_id
 from ..keys import API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
+from ..security.tls import fingerprint_sha256
 from .ops import running_facts
 from .policy import Policy, policy_of, route_policy
 
@@ -156,8 +159,15 @@ async def status(request: web.Request) -> web.Response:
         "inference": facts.get("inference"),
         "storage": {"backend": config.storage.backend, **(facts.get("storage") or {})},
         "sync": facts["sync"],
-        "security": {"api_keys": len(app[API_KEYS].names), "tls": config.server.tls_cert_file is not None},
+        "security": {"api_keys": len(app[API_KEYS].names), "tls": config.server.tls_cert_file is not None,
+                     "tls_fingerprint_sha256": _fingerprint(config.server.tls_cert_file)},
     })
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint(cert_file: Path | None) -> str | None:
+    # Read once: the server loaded this file at start, and keeps serving that certificate until it restarts.
+    return None if cert_file is None else fingerprint_sha256(cert_file)
 
 
 def _page_handler(filename: str, content_type: str) -> Handler:

@@ -20,6 +20,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     # Hardening (appliance/security/, appliance/api/guards.py): see config.toml.
     allow_insecure: bool = False
+    allow_plain_http: bool = False  # beyond loopback; security/exposure.py
     allowed_origins: tuple[str, ...] = ("*",)
     max_json_bytes: int = positive(1024 * 1024)
     max_header_bytes: int = positive(8190)

@@ -46,6 +46,11 @@ function render(status) {
   set("ready", status.appliance.ready ? "yes" : "no");
   set("uptime", duration(status.appliance.uptime_s));
   set("appliance-version", status.appliance.version);
+  const security = status.security || {};
+  set("api-keys", security.api_keys === 0 ? "none: the API is open" : security.api_keys);
+  set("tls", security.tls ? "yes" : "no: plain HTTP");
+  // Phones pin this; compare it with the one `appliance check-config` printed on the box.
+  set("tls-fingerprint", security.tls_fingerprint_sha256);
   set("window", "(last " + Math.round((recent.window_s || 300) / 60) + " min)");
   set("requests", recent.requests);
   set("client-errors", recent.client_errors);
