@@ -108,8 +108,9 @@ async def check(client: TestClient, data: bytes, query: str = "") -> dict[str, A
 
 
 async def sync_status(client: TestClient) -> dict[str, Any]:
-    response = await client.get("/ready")
-    assert response.status == 200  # sync's state never decides readiness
+    assert (await client.get("/ready")).status == 200  # sync's state never decides readiness
+    response = await client.get("/v1/info")  # /ready names its checks only (issue 13)
+    assert response.status == 200
     return (await response.json())["sync"]
 
 
