@@ -376,7 +376,7 @@ def test_sigkill_mid_upload_then_restart_uploads_everything_once(
         wait_ready(proc, port)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=5) as response:
                 if json.loads(response.read())["sync"]["backlog"] == 0:
                     break
             time.sleep(0.05)
