@@ -97,8 +97,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "Ready": _obj(
         {"status": {"enum": ["ready", "not ready"]}, "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
-         "store": {"type": "object"}, "model": _ref("ModelInfo"), "detail": _text()},
-        ("status", "checks", "store"),
+         "detail": _text()},
+        ("status", "checks"), additionalProperties=False,  # public: check names only (details in /v1/status)
     ),
     "Info": _obj(
         {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}, "ready": {"type": "boolean"}},
@@ -181,7 +181,8 @@ def _infer_request(input_name: str, output_name: str, crop: int, max_rows: int) 
 
 
 _REASONS = {
-    400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found",
+    400: "Malformed request", 401: "Missing or wrong API key", 403: "The key's role may not call this (a metrics key)",
+    404: "Not found",
     408: "The body did not arrive within server.body_timeout_s", 413: "Too large",
     415: "An image type that is not accepted", 422: "Invalid body", 429: "Rate limited (see Retry-After)",
     503: "Overloaded or not ready (see Retry-After)", 507: "The sync backlog is over its disk budget",
@@ -197,7 +198,7 @@ def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...] = (), *, publi
         parameters: list[Any] | None = None, body: dict[str, Any] | None = None, tag: str = "clinic") -> dict[str, Any]:
     """One operation: its 200 answer, and each error status in the error shape of its API."""
     error = _ref("V2Error" if v2 else "Error")
-    statuses = set(errors) | {429} | (set() if public else {401})
+    statuses = set(errors) | {429} | (set() if public else {401, 403})
     if body:  # the guards: a slow body (408), too many bodies in flight (503)
         statuses |= {408, 413, 503}
     responses: dict[str, Any] = {"200": ok}
