@@ -238,6 +238,16 @@ def cases() -> dict[str, Callable[[], Case]]:
                                                   "Field 'symptoms' must be a list of strings"),
         "reject with a list reason": lambda: post_json("/cases/reject", {"case_id": "10000", "reason": ["x"]}, 422,
                                                        "Field 'reason' must be a string"),
+        # /cases/reject checks predictions as /cases does (issue 13: it once stored any shape).
+        "reject with predictions not a list": lambda: post_json("/cases/reject", {"case_id": "10000",
+                                                                                  "predictions": "nv"}, 422,
+                                                                "Field 'predictions' must be a list"),
+        "reject with a prediction of wrong types": lambda: post_json(
+            "/cases/reject", {"case_id": "10000", "predictions": [{"label": 7, "confidence": "high"}]}, 422,
+            "Field 'predictions' must be a list of {label, confidence} objects"),
+        "reject with a prediction that is a string": lambda: post_json(
+            "/cases/reject", {"case_id": "10000", "predictions": ["nv"]}, 422,
+            "Field 'predictions' must be a list of {label, confidence} objects"),
         "release a non-numeric id": lambda: post_json("/cases/release-id", {"case_id": "abc"}, 400, "Invalid case_id"),
         "release a boolean id": lambda: post_json("/cases/release-id", {"case_id": True}, 400, "Invalid case_id"),
         "release a 10 000-digit id": lambda: post_json("/cases/release-id", {"case_id": "1" * 10_000}, 400,
@@ -248,11 +258,10 @@ def cases() -> dict[str, Callable[[], Case]]:
                                                     "Field 'age' must be a string", "PUT"),
         # --- queries and routing
         "negative limit": lambda: Case("GET", "/cases?limit=-5", 422,
-                                       "Query parameter 'limit' must be a positive whole number", headers=USER),
-        "zero limit": lambda: Case("GET", "/cases?limit=0", 422,
-                                   "Query parameter 'limit' must be a positive whole number", headers=USER),
+                                       "Query parameter 'limit' must be a whole number (0 for all)", headers=USER),
+        "zero limit means all, as the old server": lambda: Case("GET", "/cases?limit=0", 200, "", headers=USER),
         "limit in exponent form": lambda: Case("GET", "/cases?limit=1e3", 422,
-                                               "Query parameter 'limit' must be a positive whole number", headers=USER),
+                                               "Query parameter 'limit' must be a whole number (0 for all)", headers=USER),
         "huge limit (clamped)": lambda: Case("GET", "/cases?limit=" + "9" * 400, 200, "", headers=USER),
         "include_rejected=maybe": lambda: Case("GET", "/cases?include_rejected=maybe", 422,
                                                "Query parameter 'include_rejected' must be true or false", headers=USER),

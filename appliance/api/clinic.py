@@ -233,12 +233,14 @@ async def update_case(request: web.Request) -> web.Response:
 async def list_cases(request: web.Request) -> web.Response:
     who = caller(request)
     raw_limit = request.query.get("limit", "100").strip()
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or int(raw_limit) < 1:
-        raise UnprocessableEntity("Query parameter 'limit' must be a positive whole number")
+    if not (raw_limit.isascii() and raw_limit.isdigit()):
+        raise UnprocessableEntity("Query parameter 'limit' must be a whole number (0 for all)")
+    digits = raw_limit.lstrip("0") or "0"
+    limit = 10_000 if len(digits) > 5 else min(int(digits), 10_000)  # a 400-digit limit is 10 000 too
     cases = await request.app[CLINIC].list_cases(
         who,
         status=request.query.get("status", "").strip() or None,
-        limit=min(int(raw_limit), 10_000),
+        limit=None if limit == 0 else limit,  # 0: every record, as the old server answered it
         include_uncertain=_flag(request, "include_uncertain", True),
         include_rejected=_flag(request, "include_rejected", True),
     )

@@ -307,7 +307,7 @@ PATHS: dict[str, Any] = {
                    _CLINIC_ERRORS, parameters=[
                        *_USER,
                        _param("query", "status", {"type": "string"}),
-                       _param("query", "limit", {"type": "integer", "minimum": 1}),
+                       _param("query", "limit", {"type": "integer", "minimum": 0}),  # 0: all
                        _param("query", "include_uncertain", {"type": "boolean"}),
                        _param("query", "include_rejected", {"type": "boolean"}),
                    ]),
