@@ -194,6 +194,20 @@ def _json(schema: Schema, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
 
+def _case_links(case_id: str) -> dict[str, Any]:
+    """Links from an answer naming a case id (`case_id` at `case_id`) to what a client does next with it.
+
+    They let schemathesis' stateful phase follow the app's own flows (tests/test_stateful.py).
+    """
+    return {"links": {
+        "LogThisCase": {"operationRef": "#/paths/~1cases/post", "requestBody": {"case_id": case_id}},
+        "UpdateThisCase": {"operationRef": "#/paths/~1cases~1{case_id}/put", "parameters": {"path.case_id": case_id}},
+        "PhotographThisCase": {"operationRef": "#/paths/~1check-image/post",
+                               "parameters": {"query.case_id": case_id}},
+        "ListCases": {"operationRef": "#/paths/~1cases/get", "parameters": {"query.include_uncertain": True}},
+    }}
+
+
 def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...] = (), *, public: bool = False, v2: bool = False,
         parameters: list[Any] | None = None, body: dict[str, Any] | None = None, tag: str = "clinic") -> dict[str, Any]:
     """One operation: its 200 answer, and each error status in the error shape of its API."""
@@ -285,7 +299,8 @@ PATHS: dict[str, Any] = {
     "/health": {"get": _op("Liveness (the contract's probe)", _json(_obj({"status": {"const": "ok"}}, ("status",))),
                            public=True)},
     "/check-image": {"post": _op(
-        "Classify, score blur and store one photo", _json(_ref("CheckImageResponse")), (*_CLINIC_ERRORS, 415, 503, 507),
+        "Classify, score blur and store one photo",
+        _json(_ref("CheckImageResponse")) | _case_links("$response.body#/case_id"), (*_CLINIC_ERRORS, 415, 503, 507),
         parameters=[*_USER, _param("query", "case_id", {"type": "string", "pattern": _CHECK_IMAGE_CASE_ID},
                                    description="absent or empty: the caller's next case id")],
         body={"required": True, "description": "A form field `case_id` is read when the query names none "
@@ -296,13 +311,14 @@ PATHS: dict[str, Any] = {
                   "encoding": {"file": {"contentType": ", ".join(f.content_type for f in IMAGE_FORMATS.values())}},
               }}},
     )},
-    "/cases/next-id": {"post": _op("Allocate the caller's next case id", _json(_ref("CaseId")), (400,),
+    "/cases/next-id": {"post": _op("Allocate the caller's next case id",
+                                   _json(_ref("CaseId")) | _case_links("$response.body#/case_id"), (400,),
                                    parameters=_USER)},
     "/cases/release-id": {"post": _op("Give back the last issued case id if unused", _json(_ref("ReleaseIdResponse")),
                                       _CLINIC_ERRORS, parameters=_USER, body=_json_body("ReleaseIdRequest"))},
     "/cases": {
-        "post": _op("Log a case record (upsert)", _json(_ref("LoggedCase")), _CLINIC_ERRORS, parameters=_USER,
-                    body=_json_body("CaseRecord")),
+        "post": _op("Log a case record (upsert)", _json(_ref("LoggedCase")) | _case_links("$response.body#/case_id"),
+                    _CLINIC_ERRORS, parameters=_USER, body=_json_body("CaseRecord")),
         "get": _op("The caller's case records, newest first (an admin's: everyone's)", _json(_ref("Cases")),
                    _CLINIC_ERRORS, parameters=[
                        *_USER,
@@ -312,7 +328,8 @@ PATHS: dict[str, Any] = {
                        _param("query", "include_rejected", {"type": "boolean"}),
                    ]),
     },
-    "/cases/uncertain": {"post": _op("Log an uncertain record", _json(_ref("LoggedCase")), _CLINIC_ERRORS,
+    "/cases/uncertain": {"post": _op("Log an uncertain record",
+                                     _json(_ref("LoggedCase")) | _case_links("$response.body#/case_id"), _CLINIC_ERRORS,
                                      parameters=_USER, body=_json_body("CaseRecord"))},
     "/cases/reject": {"post": _op("Log a rejection", _json(_ref("LoggedReject")), _CLINIC_ERRORS, parameters=_USER,
                                   body=_json_body("RejectRecord"))},
