@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking, from the X-User-Id and X-User-Role headers."""
+    """Who is asking, from the X-User-Id and X-User-Role headers (role "admin" only as the API key allows)."""
 
     user_id: str
     role: str = ""

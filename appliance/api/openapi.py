@@ -245,7 +245,8 @@ def _param(where: str, name: str, schema: Schema, required: bool = False, descri
 _USER = [
     _param("header", "X-User-Id", {"type": "string", "pattern": USER_ID_PATTERN}, True,
            "letters, digits, - and _ are kept; at least one of them"),
-    _param("header", "X-User-Role", {"type": "string"}, description='"admin" sees every user\'s cases'),
+    _param("header", "X-User-Role", {"type": "string"},
+           description='"admin" sees every user\'s cases (with keys configured: on an admin key only)'),
 ]
 _CLINIC_ERRORS = (400, 413, 422)
 # Other parts are ignored, but a part's name is a header value: no control characters.
