@@ -13,11 +13,11 @@ an admin key's `X-User-Role: admin` is honoured, and a metrics key reads
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import ipaddress
 import os
-import enum
 import re
 import ssl
 from dataclasses import dataclass
