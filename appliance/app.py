@@ -27,6 +27,7 @@ from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import (
     API_KEYS,
+    AUTH_FAILURES,
     BODY_SLOTS,
     CLASSIFIER,
     CLINIC,
@@ -48,7 +49,7 @@ from .modelfetch import model_source
 from .ops.memory import IdleTrimmer, find_malloc_trim
 from .ops.metrics import Metrics
 from .security.auth import ApiKeys, load_api_keys
-from .security.limits import BodySlots, RateLimiter
+from .security.limits import BodySlots, FailedAuthLimiter, RateLimiter
 from .services import Classifier, Clinic
 from .storage import open_configured_store
 
@@ -107,6 +108,8 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     app[API_KEYS] = load_api_keys(config.auth) if api_keys is None else api_keys
     app[METRICS] = Metrics()
     app[BODY_SLOTS] = BodySlots(config.limits.max_concurrent_bodies)
+    if config.auth.max_failures_per_minute > 0:
+        app[AUTH_FAILURES] = FailedAuthLimiter(config.auth.max_failures_per_minute)
     if config.limits.requests_per_minute > 0:
         app[RATE_LIMITER] = RateLimiter(config.limits.requests_per_minute, config.limits.burst)
     app.add_routes(monitoring.routes)

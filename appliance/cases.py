@@ -109,14 +109,14 @@ def list_cases(
     user_id: str | None,
     *,
     status: str | None,
-    limit: int,
+    limit: int | None,
     include_uncertain: bool,
     include_rejected: bool,
 ) -> list[dict[str, Any]]:
     """Case records newest first; user_id None means every user's (an admin's view).
 
     Ordered by `created_at` (ISO strings) descending, ties most recently
-    written first; `status` matches case-insensitively; at most `limit`.
+    written first; `status` matches case-insensitively; at most `limit` (None: all, the API's `limit=0`).
     """
     types = R.listed_entry_types(include_uncertain, include_rejected)
     want = None if status is None else R.status_key(status)
@@ -126,4 +126,4 @@ def list_cases(
             if row.entry_type in types and (want is None or row.status_key == want)
         ]
         rows.sort(key=lambda row: row.order, reverse=True)
-        return [row.load() for row in rows[: max(int(limit), 0)]]
+        return [row.load() for row in (rows if limit is None else rows[: max(int(limit), 0)])]

@@ -43,6 +43,12 @@ class Unauthorized(ApplianceError):
     status = 401
 
 
+class Forbidden(ApplianceError):
+    """A valid key whose role may not call this route (403)."""
+
+    status = 403
+
+
 class NotFound(ApplianceError):
     """The named resource does not exist (404)."""
 

@@ -14,7 +14,7 @@ from .inference.scheduler import Scheduler
 from .ops.memory import IdleTrimmer
 from .ops.metrics import Metrics
 from .security.auth import ApiKeys
-from .security.limits import BodySlots, RateLimiter
+from .security.limits import BodySlots, FailedAuthLimiter, RateLimiter
 from .services import Classifier, Clinic
 from .storage import Store
 from .sync.worker import SyncWorker
@@ -53,6 +53,7 @@ API_KEYS = web.AppKey("api_keys", ApiKeys)
 METRICS = web.AppKey("metrics", Metrics)
 BODY_SLOTS = web.AppKey("body_slots", BodySlots)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # absent when limits.requests_per_minute = 0
+AUTH_FAILURES = web.AppKey("auth_failures", FailedAuthLimiter)  # absent when auth.max_failures_per_minute = 0
 TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library cannot trim (not glibc)
 # Per request: its id (echoed as X-Request-Id) and the name of the API key it presented.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking, from the X-User-Id and X-User-Role headers."""
+    """Who is asking, from the X-User-Id and X-User-Role headers (role "admin" only as the API key allows)."""
 
     user_id: str
     role: str = ""
@@ -288,9 +288,9 @@ class Clinic:
         return updated
 
     async def list_cases(
-        self, caller: Caller, *, status: str | None, limit: int, include_uncertain: bool, include_rejected: bool
+        self, caller: Caller, *, status: str | None, limit: int | None, include_uncertain: bool, include_rejected: bool
     ) -> list[dict[str, Any]]:
-        """The caller's case records (an admin's: everyone's), newest first."""
+        """The caller's case records (an admin's: everyone's), newest first; at most `limit` (None: all)."""
         return await self._in_store(
             lambda: cases.list_cases(
                 self.store,

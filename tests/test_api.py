@@ -170,7 +170,7 @@ async def test_reject_and_listing_filters(client: TestClient) -> None:
     assert sorted(await ids(headers=admin)) == ["10000", "10001", "10002", "20000"]
     response = await client.get("/cases?limit=x", headers=USER)
     assert (response.status, await response.json()) == (
-        422, {"detail": "Query parameter 'limit' must be a positive whole number"})
+        422, {"detail": "Query parameter 'limit' must be a whole number (0 for all)"})
     response = await client.get("/cases?include_rejected=maybe", headers=USER)
     assert (response.status, await response.json()) == (
         422, {"detail": "Query parameter 'include_rejected' must be true or false"})

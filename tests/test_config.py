@@ -55,7 +55,7 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
         ({"limits": {"requests_per_minute": -1}}, "limits.requests_per_minute: expected 0 (off) or more; got -1"),
         ({"limits": {"max_concurrent_bodies": 0}}, "limits.max_concurrent_bodies: expected a positive number; got 0"),
         ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s: expected a positive number of seconds; got 0.0"),
-        ({"auth": {"keys": "x"}}, "auth.keys: unknown key (expected one of keys_file)"),
+        ({"auth": {"keys": "x"}}, "auth.keys: unknown key (expected one of keys_file, max_failures_per_minute)"),
         ({"servr": {}}, "servr: unknown key (expected one of auth, bucket, imaging, inference, limits, model, privacy, "
                         "runtime, server, storage, sync)"),
         ({"server": {"port": "eighty"}}, "server.port: expected a whole number; got 'eighty'"),

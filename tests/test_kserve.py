@@ -109,9 +109,9 @@ def infer_raw(address: str, request: Any, binary: bytes = b"",
 
 
 def images_stored(address: str) -> int:
-    status, _, body = raw(address, "GET", "/ready")
+    status, _, body = raw(address, "GET", "/v1/status")  # /ready names its checks only (issue 13)
     assert status == 200
-    return json.loads(body)["store"]["images"]
+    return json.loads(body)["storage"]["images"]
 
 
 def test_server_live_ready_and_metadata(client: triton.InferenceServerClient) -> None:

@@ -45,10 +45,10 @@ def test_keys_from_file_environment_and_credential(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("phones\n", "auth.keys_file (F) line 1: expected 'name:key' (name of letters, digits, '.', '_', '-'; key without spaces)"),
-        ("a:1\nph ones:x\n", "auth.keys_file (F) line 2: expected 'name:key' (name of letters, digits, '.', '_', '-'; key without spaces)"),
-        ("phones:\n", "auth.keys_file (F) line 1: expected 'name:key' (name of letters, digits, '.', '_', '-'; key without spaces)"),
-        ("phones:a b\n", "auth.keys_file (F) line 1: expected 'name:key' (name of letters, digits, '.', '_', '-'; key without spaces)"),
+        ("phones\n", "auth.keys_file (F) line 1: expected 'name:key' or 'name:key:role' (name of letters, digits, '.', '_', '-'; key without spaces or ':')"),
+        ("a:1\nph ones:x\n", "auth.keys_file (F) line 2: expected 'name:key' or 'name:key:role' (name of letters, digits, '.', '_', '-'; key without spaces or ':')"),
+        ("phones:\n", "auth.keys_file (F) line 1: expected 'name:key' or 'name:key:role' (name of letters, digits, '.', '_', '-'; key without spaces or ':')"),
+        ("phones:a b\n", "auth.keys_file (F) line 1: expected 'name:key' or 'name:key:role' (name of letters, digits, '.', '_', '-'; key without spaces or ':')"),
         ("phones:a\nphones:b\n", "auth.keys_file (F) line 2: key name 'phones' appears twice"),
     ],
 )

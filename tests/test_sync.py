@@ -108,8 +108,9 @@ async def check(client: TestClient, data: bytes, query: str = "") -> dict[str, A
 
 
 async def sync_status(client: TestClient) -> dict[str, Any]:
-    response = await client.get("/ready")
-    assert response.status == 200  # sync's state never decides readiness
+    assert (await client.get("/ready")).status == 200  # sync's state never decides readiness
+    response = await client.get("/v1/info")  # /ready names its checks only (issue 13)
+    assert response.status == 200
     return (await response.json())["sync"]
 
 
@@ -375,7 +376,7 @@ def test_sigkill_mid_upload_then_restart_uploads_everything_once(
         wait_ready(proc, port)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=5) as response:
                 if json.loads(response.read())["sync"]["backlog"] == 0:
                     break
             time.sleep(0.05)

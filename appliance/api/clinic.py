@@ -15,7 +15,8 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's invalid head
 
 from ..contract import case_id_text, sanitize_user_id
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnprocessableEntity
-from ..keys import CLINIC, CONFIG, SYNC
+from ..keys import API_KEYS, CLINIC, CONFIG, KEY_NAME, SYNC
+from ..security.auth import Role
 from ..services import Caller, CheckedImage
 from . import loads_strict
 from .policy import Policy, route_policy
@@ -26,11 +27,20 @@ MAX_FIELD_BYTES = 1024  # a form field other than the file (case_id) is tiny
 
 
 def caller(request: web.Request) -> Caller:
-    """The caller from X-User-Id / X-User-Role, or 400."""
+    """The caller from X-User-Id / X-User-Role, or 400.
+
+    With keys configured, `X-User-Role: admin` counts only on an admin key; on
+    any other key the caller is a plain user (role ""), so the old app, which
+    always sends it, keeps working on a plain key without seeing others' cases.
+    """
     user_id = sanitize_user_id(request.headers.get("X-User-Id", ""))
     if not user_id:
         raise BadRequest("Missing X-User-Id header")
-    return Caller(user_id=user_id, role=request.headers.get("X-User-Role", "").strip().lower())
+    role = request.headers.get("X-User-Role", "").strip().lower()
+    keys = request.config_dict[API_KEYS]
+    if role == "admin" and keys and keys.role_of(request.get(KEY_NAME)) is not Role.ADMIN:
+        role = ""
+    return Caller(user_id=user_id, role=role)
 
 
 T = TypeVar("T")
@@ -223,12 +233,14 @@ async def update_case(request: web.Request) -> web.Response:
 async def list_cases(request: web.Request) -> web.Response:
     who = caller(request)
     raw_limit = request.query.get("limit", "100").strip()
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or int(raw_limit) < 1:
-        raise UnprocessableEntity("Query parameter 'limit' must be a positive whole number")
+    if not (raw_limit.isascii() and raw_limit.isdigit()):
+        raise UnprocessableEntity("Query parameter 'limit' must be a whole number (0 for all)")
+    digits = raw_limit.lstrip("0") or "0"
+    limit = 10_000 if len(digits) > 5 else min(int(digits), 10_000)  # a 400-digit limit is 10 000 too
     cases = await request.app[CLINIC].list_cases(
         who,
         status=request.query.get("status", "").strip() or None,
-        limit=min(int(raw_limit), 10_000),
+        limit=None if limit == 0 else limit,  # 0: every record, as the old server answered it
         include_uncertain=_flag(request, "include_uncertain", True),
         include_rejected=_flag(request, "include_rejected", True),
     )

@@ -1,6 +1,8 @@
 """The checks every request passes before a handler: API key, rate limit, body slots; and CORS.
 
-Order, as the contract fixes it: API key (401) first, then the rate limit
+Order, as the contract fixes it: API key (401, or 403 for a metrics key
+anywhere but /metrics; 429 first for an address that has spent its wrong
+keys, `auth.max_failures_per_minute`), then the rate limit
 (429, per key name, or per client address when the API is open), then the
 bound on requests holding a body (503). CORS preflights (OPTIONS with
 `Access-Control-Request-Method`) need neither a key nor X-User-Id: browsers
@@ -20,9 +22,10 @@ from collections.abc import Collection
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from ..errors import Unauthorized
-from ..keys import API_KEYS, BODY_SLOTS, KEY_NAME, RATE_LIMITER
-from ..security.auth import presented_key
+from ..errors import Forbidden, Unauthorized
+from ..keys import API_KEYS, AUTH_FAILURES, BODY_SLOTS, KEY_NAME, RATE_LIMITER
+from ..security.auth import Role, presented_key
+from . import monitoring
 from .policy import Policy, policy_of
 
 if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls
@@ -46,10 +49,20 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Require a configured key (X-API-Key or Authorization: Bearer) except on public routes."""
     keys = request.app[API_KEYS]
     if keys and Policy.PUBLIC not in policy_of(request) and not is_preflight(request):
+        failures = request.app.get(AUTH_FAILURES)
+        address = request.remote or "unknown"
+        if failures is not None:
+            failures.check(address)
         name = keys.match(presented_key(request.headers))
         if name is None:
+            if failures is not None and failures.failed(address):
+                log.warning("authentication: %d wrong API keys from %s within a minute; "
+                            "answering it 429 until they age out", int(failures.capacity), address)
             raise Unauthorized("Invalid API key")
         request[KEY_NAME] = name
+        # By handler, not path: a metrics key reads the one route without patient data it exists for.
+        if keys.role_of(name) is Role.METRICS and request.match_info.handler is not monitoring.metrics:
+            raise Forbidden("This key may only read /metrics")
     return await handler(request)
 
 

@@ -97,8 +97,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "Ready": _obj(
         {"status": {"enum": ["ready", "not ready"]}, "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
-         "store": {"type": "object"}, "model": _ref("ModelInfo"), "detail": _text()},
-        ("status", "checks", "store"),
+         "detail": _text()},
+        ("status", "checks"), additionalProperties=False,  # public: check names only (details in /v1/status)
     ),
     "Info": _obj(
         {"appliance": _obj({"version": _text(), "uptime_s": {"type": "number"}, "ready": {"type": "boolean"}},
@@ -181,7 +181,8 @@ def _infer_request(input_name: str, output_name: str, crop: int, max_rows: int) 
 
 
 _REASONS = {
-    400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found",
+    400: "Malformed request", 401: "Missing or wrong API key", 403: "The key's role may not call this (a metrics key)",
+    404: "Not found",
     408: "The body did not arrive within server.body_timeout_s", 413: "Too large",
     415: "An image type that is not accepted", 422: "Invalid body", 429: "Rate limited (see Retry-After)",
     503: "Overloaded or not ready (see Retry-After)", 507: "The sync backlog is over its disk budget",
@@ -193,11 +194,25 @@ def _json(schema: Schema, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
 
+def _case_links(case_id: str) -> dict[str, Any]:
+    """Links from an answer naming a case id (`case_id` at `case_id`) to what a client does next with it.
+
+    They let schemathesis' stateful phase follow the app's own flows (tests/test_stateful.py).
+    """
+    return {"links": {
+        "LogThisCase": {"operationRef": "#/paths/~1cases/post", "requestBody": {"case_id": case_id}},
+        "UpdateThisCase": {"operationRef": "#/paths/~1cases~1{case_id}/put", "parameters": {"path.case_id": case_id}},
+        "PhotographThisCase": {"operationRef": "#/paths/~1check-image/post",
+                               "parameters": {"query.case_id": case_id}},
+        "ListCases": {"operationRef": "#/paths/~1cases/get", "parameters": {"query.include_uncertain": True}},
+    }}
+
+
 def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...] = (), *, public: bool = False, v2: bool = False,
         parameters: list[Any] | None = None, body: dict[str, Any] | None = None, tag: str = "clinic") -> dict[str, Any]:
     """One operation: its 200 answer, and each error status in the error shape of its API."""
     error = _ref("V2Error" if v2 else "Error")
-    statuses = set(errors) | {429} | (set() if public else {401})
+    statuses = set(errors) | {429} | (set() if public else {401, 403})
     if body:  # the guards: a slow body (408), too many bodies in flight (503)
         statuses |= {408, 413, 503}
     responses: dict[str, Any] = {"200": ok}
@@ -230,7 +245,8 @@ def _param(where: str, name: str, schema: Schema, required: bool = False, descri
 _USER = [
     _param("header", "X-User-Id", {"type": "string", "pattern": USER_ID_PATTERN}, True,
            "letters, digits, - and _ are kept; at least one of them"),
-    _param("header", "X-User-Role", {"type": "string"}, description='"admin" sees every user\'s cases'),
+    _param("header", "X-User-Role", {"type": "string"},
+           description='"admin" sees every user\'s cases (with keys configured: on an admin key only)'),
 ]
 _CLINIC_ERRORS = (400, 413, 422)
 # Other parts are ignored, but a part's name is a header value: no control characters.
@@ -284,7 +300,8 @@ PATHS: dict[str, Any] = {
     "/health": {"get": _op("Liveness (the contract's probe)", _json(_obj({"status": {"const": "ok"}}, ("status",))),
                            public=True)},
     "/check-image": {"post": _op(
-        "Classify, score blur and store one photo", _json(_ref("CheckImageResponse")), (*_CLINIC_ERRORS, 415, 503, 507),
+        "Classify, score blur and store one photo",
+        _json(_ref("CheckImageResponse")) | _case_links("$response.body#/case_id"), (*_CLINIC_ERRORS, 415, 503, 507),
         parameters=[*_USER, _param("query", "case_id", {"type": "string", "pattern": _CHECK_IMAGE_CASE_ID},
                                    description="absent or empty: the caller's next case id")],
         body={"required": True, "description": "A form field `case_id` is read when the query names none "
@@ -295,23 +312,25 @@ PATHS: dict[str, Any] = {
                   "encoding": {"file": {"contentType": ", ".join(f.content_type for f in IMAGE_FORMATS.values())}},
               }}},
     )},
-    "/cases/next-id": {"post": _op("Allocate the caller's next case id", _json(_ref("CaseId")), (400,),
+    "/cases/next-id": {"post": _op("Allocate the caller's next case id",
+                                   _json(_ref("CaseId")) | _case_links("$response.body#/case_id"), (400,),
                                    parameters=_USER)},
     "/cases/release-id": {"post": _op("Give back the last issued case id if unused", _json(_ref("ReleaseIdResponse")),
                                       _CLINIC_ERRORS, parameters=_USER, body=_json_body("ReleaseIdRequest"))},
     "/cases": {
-        "post": _op("Log a case record (upsert)", _json(_ref("LoggedCase")), _CLINIC_ERRORS, parameters=_USER,
-                    body=_json_body("CaseRecord")),
+        "post": _op("Log a case record (upsert)", _json(_ref("LoggedCase")) | _case_links("$response.body#/case_id"),
+                    _CLINIC_ERRORS, parameters=_USER, body=_json_body("CaseRecord")),
         "get": _op("The caller's case records, newest first (an admin's: everyone's)", _json(_ref("Cases")),
                    _CLINIC_ERRORS, parameters=[
                        *_USER,
                        _param("query", "status", {"type": "string"}),
-                       _param("query", "limit", {"type": "integer", "minimum": 1}),
+                       _param("query", "limit", {"type": "integer", "minimum": 0}),  # 0: all
                        _param("query", "include_uncertain", {"type": "boolean"}),
                        _param("query", "include_rejected", {"type": "boolean"}),
                    ]),
     },
-    "/cases/uncertain": {"post": _op("Log an uncertain record", _json(_ref("LoggedCase")), _CLINIC_ERRORS,
+    "/cases/uncertain": {"post": _op("Log an uncertain record",
+                                     _json(_ref("LoggedCase")) | _case_links("$response.body#/case_id"), _CLINIC_ERRORS,
                                      parameters=_USER, body=_json_body("CaseRecord"))},
     "/cases/reject": {"post": _op("Log a rejection", _json(_ref("LoggedReject")), _CLINIC_ERRORS, parameters=_USER,
                                   body=_json_body("RejectRecord"))},

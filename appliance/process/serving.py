@@ -27,6 +27,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..keys import STATE
+from ..security.protocol import JsonErrorRunner
 
 log = logging.getLogger("appliance")
 
@@ -54,7 +55,8 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
         loop.add_signal_handler(signum, stop_once)
     # After our own drain, aiohttp only waits a moment more before cancelling what is left.
     # No access log of aiohttp's: appliance.api.monitoring logs one line per request, with its id.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, **server_options)
+    # JsonErrorRunner: parser errors (header too long, too many headers) answer JSON, never the request's bytes.
+    runner = JsonErrorRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, **server_options)
     try:
         # Start-up: the cleanup contexts load the model, open the store, ... If one fails,
         # runner.cleanup below still closes those that had started.

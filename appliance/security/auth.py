@@ -5,10 +5,15 @@ phones, the Prometheus scraper, a lab script) without ever showing a key. A
 presented key is compared with every configured key, always all of them and
 on SHA-256 digests, so neither timing nor length tells an attacker how close
 a guess was or which key it nearly matched.
+
+Each key has a role (`name:key:role` in a keys file, plain by default): only
+an admin key's `X-User-Role: admin` is honoured, and a metrics key reads
+/metrics and nothing else.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import ipaddress
@@ -29,17 +34,31 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ENV_KEY_NAME = "default"
 
 
+class Role(str, enum.Enum):
+    """What a key may do: a clinician's (plain), everyone's cases (admin), or /metrics only (metrics)."""
+
+    PLAIN = "plain"
+    ADMIN = "admin"
+    METRICS = "metrics"
+
+
 @dataclass(frozen=True)
 class ApiKeys:
     """The configured keys, by name; empty means the API is open (the old server's default)."""
 
     digests: tuple[tuple[str, bytes], ...] = ()
     sources: tuple[str, ...] = ()
+    roles: tuple[tuple[str, Role], ...] = ()  # a name not listed is plain
 
     @classmethod
-    def of(cls, keys: Mapping[str, str], source: str = "given") -> ApiKeys:
-        """Keys from a name -> key mapping (tests, embedding)."""
-        return cls(tuple((name, _digest(key)) for name, key in keys.items()), (source,) if keys else ())
+    def of(cls, keys: Mapping[str, str], source: str = "given", roles: Mapping[str, Role] | None = None) -> ApiKeys:
+        """Keys from a name -> key mapping (tests, embedding), plain unless `roles` says otherwise."""
+        return cls(tuple((name, _digest(key)) for name, key in keys.items()), (source,) if keys else (),
+                   tuple((roles or {}).items()))
+
+    def role_of(self, name: str | None) -> Role:
+        """The role of the key called `name`; plain for an unknown name or none."""
+        return dict(self.roles).get(name or "", Role.PLAIN)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -71,29 +90,34 @@ def presented_key(headers: Mapping[str, str]) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def parse_keys(text: str, where: str) -> dict[str, str]:
-    """`name:key` lines ('#' comments and blank lines ignored) into a dict; errors name the line."""
-    keys: dict[str, str] = {}
+def parse_keys(text: str, where: str) -> dict[str, tuple[str, Role]]:
+    """`name:key` or `name:key:role` lines ('#' comments, blank lines ignored) into name -> (key, role)."""
+    keys: dict[str, tuple[str, Role]] = {}
+    roles = ", ".join(role.value for role in Role)
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, key = (part.strip() for part in line.partition(":"))
-        if not sep or not key or not NAME_PATTERN.fullmatch(name) or any(c.isspace() for c in key):
-            raise ConfigError(f"{where} line {number}: expected 'name:key' (name of letters, digits, '.', '_', '-'; "
-                              "key without spaces)")
+        # A ':' inside a key would make its tail look like a role: refused rather than guessed.
+        name, key, *rest = (part.strip() for part in line.split(":")) if ":" in line else (line, "")
+        if len(rest) > 1 or not key or not NAME_PATTERN.fullmatch(name) or any(c.isspace() for c in key):
+            raise ConfigError(f"{where} line {number}: expected 'name:key' or 'name:key:role' (name of letters, "
+                              "digits, '.', '_', '-'; key without spaces or ':')")
+        if rest and rest[0] not in {role.value for role in Role}:
+            raise ConfigError(f"{where} line {number}: role {rest[0]!r} is not one of {roles}")
         if name in keys:
             raise ConfigError(f"{where} line {number}: key name {name!r} appears twice")
-        keys[name] = key
+        keys[name] = (key, Role(rest[0]) if rest else Role.PLAIN)
     return keys
 
 
 def load_api_keys(auth: AuthConfig, environ: Mapping[str, str] | None = None) -> ApiKeys:
-    """Every configured key: `API_KEY` (named "default"), `auth.keys_file`, `$CREDENTIALS_DIRECTORY/api-keys`."""
+    """Every configured key and its role: `API_KEY` ("default", plain), `auth.keys_file`, the `api-keys` credential."""
     environ = os.environ if environ is None else environ
-    found: list[tuple[str, str, str]] = []  # (name, key, source)
+    found: list[tuple[str, str, Role, str]] = []  # (name, key, role, source)
     if environ.get("API_KEY", "").strip():
-        found.append((ENV_KEY_NAME, environ["API_KEY"].strip(), "API_KEY"))
+        # Plain: the old server's one shared key; admins get their own `name:key:admin` line.
+        found.append((ENV_KEY_NAME, environ["API_KEY"].strip(), Role.PLAIN, "API_KEY"))
     files: list[tuple[Path, str]] = []
     if auth.keys_file is not None:
         files.append((auth.keys_file, "auth.keys_file"))
@@ -106,10 +130,10 @@ def load_api_keys(auth: AuthConfig, environ: Mapping[str, str] | None = None) ->
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"{label}: cannot read {path}: {reason}") from None
-        found += [(name, key, label) for name, key in parse_keys(text, f"{label} ({path})").items()]
+        found += [(name, key, role, label) for name, (key, role) in parse_keys(text, f"{label} ({path})").items()]
     names: dict[str, str] = {}
     digests: dict[bytes, str] = {}
-    for name, key, source in found:
+    for name, key, _, source in found:
         if name in names:
             raise ConfigError(f"{source}: key name {name!r} is also defined by {names[name]}")
         digest = _digest(key)
@@ -118,8 +142,9 @@ def load_api_keys(auth: AuthConfig, environ: Mapping[str, str] | None = None) ->
                               "give each client its own key")
         names[name] = source
         digests[digest] = name
-    sources = tuple(dict.fromkeys(source for _, _, source in found))
-    return ApiKeys(tuple((name, digest) for digest, name in digests.items()), sources)
+    sources = tuple(dict.fromkeys(source for *_, source in found))
+    roles = tuple((name, role) for name, _, role, _ in found if role is not Role.PLAIN)
+    return ApiKeys(tuple((name, digest) for digest, name in digests.items()), sources, roles)
 
 
 def is_loopback(host: str) -> bool:

@@ -31,9 +31,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Where named API keys are read from (besides API_KEY and the systemd credential)."""
+    """Where named API keys are read from (besides API_KEY and the systemd credential), and how wrong keys are slowed."""
 
     keys_file: Path | None = None
+    # Per client address; on by default, even with limits.requests_per_minute off: 401s are guesses.
+    max_failures_per_minute: int = setting(10, Check("0 (off) or more", at_least=0))
 
 
 @dataclass(frozen=True)

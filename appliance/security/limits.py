@@ -1,4 +1,4 @@
-"""Per-client rate limiting (token buckets) and the bound on requests holding a body in memory.
+"""Per-client rate limiting (token buckets), failed-authentication limiting and the bound on requests holding a body.
 
 Both live in memory, per process: a box serves one clinic, and a restart
 forgetting who spent what is harmless.
@@ -45,6 +45,47 @@ class RateLimiter:
         self._buckets[client] = (tokens, now)
         while len(self._buckets) > MAX_CLIENTS:
             self._buckets.popitem(last=False)
+
+
+class FailedAuthLimiter:
+    """Wrong keys per client address: `per_minute` failures at once, refilled over a minute, then 429.
+
+    A blocked address gets 429 whatever it presents, its right key included:
+    otherwise the one guess that is not refused would tell a guesser it won.
+    """
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate_per_s = per_minute / 60.0
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float, bool]] = OrderedDict()  # client -> (tokens, at, logged)
+
+    def _now(self, client: str) -> tuple[float, float, bool]:
+        now = self._clock()
+        tokens, at, logged = self._buckets.pop(client, (self.capacity, now, False))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate_per_s)
+        return tokens, now, logged and tokens < self.capacity  # a full bucket ends the burst
+
+    def _remember(self, client: str, tokens: float, now: float, logged: bool) -> None:
+        self._buckets[client] = (tokens, now, logged)
+        while len(self._buckets) > MAX_CLIENTS:
+            self._buckets.popitem(last=False)
+
+    def check(self, client: str) -> None:
+        """429 with Retry-After while `client` has spent its failures; spends nothing."""
+        tokens, now, logged = self._now(client)
+        self._remember(client, tokens, now, logged)
+        if tokens < 1.0:
+            retry_after_s = max(1, math.ceil((1.0 - tokens) / self.rate_per_s))
+            raise TooManyRequests("Too many failed authentications; retry later", retry_after_s=retry_after_s)
+
+    def failed(self, client: str) -> bool:
+        """Count one wrong key from `client`; True once per burst, when it has just spent its last."""
+        tokens, now, logged = self._now(client)
+        tokens = max(0.0, tokens - 1.0)
+        starts_burst = tokens < 1.0 and not logged
+        self._remember(client, tokens, now, logged or starts_burst)
+        return starts_burst
 
 
 class BodySlots:
