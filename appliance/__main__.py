@@ -75,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser(
         "sync",
-        help="drain the sync outbox once (--once), or show its status (status)",
+        help="drain the sync outbox once (--once), show its status (status), or retry its dead letters (retry)",
         description="`appliance sync --once` uploads every waiting job now (ignoring retry times) and exits 0 when "
         "the outbox is empty, 1 at the first upload that fails (printed). Stop the server first: the store is "
         "locked while it runs. `appliance sync status` prints the backlog, oldest pending, bytes pending and last "
-        "error as JSON, read-only (works while the server runs).",
+        "error as JSON, read-only (works while the server runs). `appliance sync retry` makes every dead letter (a "
+        "job that failed sync.max_attempts times) due again with a fresh attempt count (works while the server runs).",
     )
-    sync.add_argument("action", nargs="?", choices=["status"], help="show the outbox's status and exit")
+    sync.add_argument("action", nargs="?", choices=["status", "retry"],
+                      help="status: show the outbox's status; retry: retry its dead letters")
     sync.add_argument("--once", action="store_true", help="drain until empty (exit 0) or an error (exit 1)")
     sync.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
 
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             from .sync.commands import sync_command
 
-            return sync_command(config.storage, config.sync, config.bucket, status=args.action == "status", once=args.once)
+            return sync_command(config.storage, config.sync, config.bucket, status=args.action == "status",
+                                once=args.once, retry=args.action == "retry")
         return serve(config, args)
     except ApplianceError as exc:
         print(f"appliance: error: {exc.detail}", file=sys.stderr)

@@ -79,8 +79,8 @@ class Records(Protocol):
     def delete_case(self, row: Row) -> None:
         """Remove a case record."""
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
-        """Announce (kind, user, ref) to the sync outbox, when the store has one."""
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
+        """Announce (kind, user, ref) and the bytes it will upload to the sync outbox, when the store has one."""
 
 
 class BaseStore:

@@ -348,7 +348,7 @@ class _Records:
         self.lines.remove(row.key)
         self._lines_changed, self._cases_delta = True, self._cases_delta - 1
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
         assert self.user_id is not None
         self._jobs.append((kind, self.user_id, ref, size_bytes))
 

@@ -402,7 +402,7 @@ class _Records:
     def delete_case(self, row: Row) -> None:
         self.conn.execute("DELETE FROM cases WHERE seq = ?", (row.key,))
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
         # Inside the section's transaction: the job commits with the record it announces.
         if self.store.outbox_enabled:
             assert self.user_id is not None
