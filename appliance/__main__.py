@@ -66,9 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "store through the Store API. Idempotent: images and cases the store already has are skipped, counters "
         "are only raised. Prints the counts and every line or file it could not read (path:line and why). "
         "Exit status: 0 when everything was read, 1 when anything could not be (or on an error). "
-        "Stop the server first: the store is locked while it runs.",
+        "With an encrypted store, what is imported is written in format v2 (bound to its user and record); "
+        "--reencrypt then also rewrites everything the store already held in the old format v1 as v2 (STORAGE_ROOT "
+        "may then be left out). Stop the server first: the store is locked while it runs.",
     )
-    legacy.add_argument("storage_root", metavar="STORAGE_ROOT", help="the old back end's STORAGE_ROOT")
+    legacy.add_argument("storage_root", metavar="STORAGE_ROOT", nargs="?",
+                        help="the old back end's STORAGE_ROOT (optional with --reencrypt)")
+    legacy.add_argument("--reencrypt", action="store_true",
+                        help="afterwards rewrite every record and image of the configured (encrypted) store in "
+                        "format v2, whose associated data binds each to its user and image or case id")
     legacy.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
     legacy.add_argument("--key-file", metavar="PATH", type=Path,
                         help="file holding the old store's key (URL-safe base64), when it was encrypted; "
@@ -76,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser(
         "sync",
-        help="drain the sync outbox once (--once), or show its status (status)",
+        help="drain the sync outbox once (--once), show its status (status), or retry its dead letters (retry)",
         description="`appliance sync --once` uploads every waiting job now (ignoring retry times) and exits 0 when "
         "the outbox is empty, 1 at the first upload that fails (printed). Stop the server first: the store is "
         "locked while it runs. `appliance sync status` prints the backlog, oldest pending, bytes pending and last "
-        "error as JSON, read-only (works while the server runs).",
+        "error as JSON, read-only (works while the server runs). `appliance sync retry` makes every dead letter (a "
+        "job that failed sync.max_attempts times) due again with a fresh attempt count (works while the server runs).",
     )
-    sync.add_argument("action", nargs="?", choices=["status"], help="show the outbox's status and exit")
+    sync.add_argument("action", nargs="?", choices=["status", "retry"],
+                      help="status: show the outbox's status; retry: retry its dead letters")
     sync.add_argument("--once", action="store_true", help="drain until empty (exit 0) or an error (exit 1)")
     sync.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
 
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             from .sync.commands import sync_command
 
-            return sync_command(config.storage, config.sync, config.bucket, status=args.action == "status", once=args.once)
+            return sync_command(config.storage, config.sync, config.bucket, status=args.action == "status",
+                                once=args.once, retry=args.action == "retry")
         return serve(config, args)
     except ApplianceError as exc:
         print(f"appliance: error: {exc.detail}", file=sys.stderr)
@@ -126,18 +135,29 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     from .legacy import source_sealer
     from .storage import open_configured_store
 
+    if args.storage_root is None and not args.reencrypt:
+        raise ConfigError("appliance import-legacy: give STORAGE_ROOT, --reencrypt, or both")
+    if args.reencrypt and not config.storage.encrypt:
+        raise ConfigError("appliance import-legacy --reencrypt: storage.encrypt (ENCRYPT_STORAGE) is off")
     sealer = source_sealer(args.key_file, config.storage.key_file)
     store = open_configured_store(config.storage, outbox=config.sync.enabled)
+    problems: list[str] = []
     try:
-        report = run_import(
-            Path(args.storage_root), store, sealer=sealer, strip_metadata=config.privacy.strip_metadata_on_store
-        )
+        if args.storage_root is not None:
+            report = run_import(
+                Path(args.storage_root), store, sealer=sealer, strip_metadata=config.privacy.strip_metadata_on_store
+            )
+            problems = report.problems
+            for problem in problems:
+                print(f"appliance: cannot read {problem}", file=sys.stderr)
+            print(f"imported {args.storage_root} into {config.storage.backend} store {config.storage.root}: "
+                  f"{report.summary()}")
+        if args.reencrypt:
+            count = store.reseal()
+            print(f"re-encrypted {count} records and image files of {config.storage.root} in format v2")
     finally:
         store.close()
-    for problem in report.problems:
-        print(f"appliance: cannot read {problem}", file=sys.stderr)
-    print(f"imported {args.storage_root} into {config.storage.backend} store {config.storage.root}: {report.summary()}")
-    return 1 if report.problems else 0
+    return 1 if problems else 0
 
 
 def check_config(config: Config) -> int:

@@ -155,6 +155,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
             wanted_path(config),
             config.runtime.selected,
             max_batch=config.inference.max_batch,
+            trusted_keys=config.model.trusted_keys,
         ),
     )
     app[MODEL] = model

@@ -100,8 +100,10 @@ def _take_over(records: Records, case: dict[str, Any]) -> list[str]:
 def _announce(records: Records, case: dict[str, Any]) -> None:
     """Outbox jobs for a case record and the image records its take-over changed."""
     records.enqueue("case", case["case_id"], len(R.dumps(case)))
-    for image_id in case["image_ids"]:
-        records.enqueue("image_record", image_id)
+    # Each image record's own size: the sync budget counts every job (issue 13).
+    for row in records.images(case["case_id"]):
+        if row.record.get("image_id"):
+            records.enqueue("image_record", row.record["image_id"], len(R.dumps(row.record)))
 
 
 def list_cases(

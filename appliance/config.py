@@ -50,6 +50,9 @@ class ModelConfig:
     # A model directory in a bucket (MODEL_URL), fetched into cache_dir at start (appliance/modelfetch.py).
     url: str = ""
     cache_dir: Path = Path("models/cache")
+    # Ed25519 public keys (PEM files): when set, only a model.json signed by one of them loads
+    # (model.json.sig, written by convert --sign-key); checked at fetch and at load.
+    trusted_keys: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             table = table.get(part) if isinstance(table, dict) else None
         if isinstance(table, dict) and isinstance(table.get(path[-1]), str) and table[path[-1]]:
             table[path[-1]] = str(base / table[path[-1]])
+        elif isinstance(table, dict) and isinstance(table.get(path[-1]), list):  # a list of paths
+            table[path[-1]] = [str(base / v) if isinstance(v, str) and v else v for v in table[path[-1]]]
     return out
 
 

@@ -25,7 +25,9 @@ from .contract import SUFFIXES
 from .errors import ApplianceError, StoreError
 from .imaging import sniff
 from .storage import CASE_ENTRY_TYPES, Store, StoredImage
-from .storage.crypto import MissingKey, Sealer, envelope_bytes, is_sealed_record, load_sealer, read_key_file
+from .storage.crypto import (
+    MissingKey, Sealer, envelope_bytes, image_binding, is_sealed_record, load_sealer, read_key_file,
+)
 
 # The disk store writes the old layout: its names are the old layout's names.
 # (The old server wrote .jpg, or .bin when encrypted; the disk store also .png and .webp.)
@@ -86,25 +88,26 @@ def import_legacy(source: Path, store: Store, *, sealer: Sealer, strip_metadata:
 def _check_key(users: list[Path], sealer: Sealer, source: Path) -> None:
     """Try the key on the first encrypted line or file, so a wrong key fails before anything is written."""
     for user_dir in users:
-        sample: tuple[str, bytes] | None = None
+        sample: tuple[str, bytes, bytes | None] | None = None
         for n, raw in enumerate(_lines(user_dir / METADATA), 1):
-            blob = envelope_bytes(raw)
-            if blob is not None:
-                sample = (f"{user_dir / METADATA}:{n}", blob)
+            sealed = envelope_bytes(raw, user_dir.name)
+            if sealed is not None:
+                sample = (f"{user_dir / METADATA}:{n}", *sealed)
                 break
         if sample is None:
             encrypted = sorted(user_dir.glob("*.bin"))
             if encrypted:
-                sample = (str(encrypted[0]), encrypted[0].read_bytes())
+                path = encrypted[0]
+                sample = (str(path), path.read_bytes(), image_binding(user_dir.name, path.stem))
         if sample is None:
             continue
-        where, blob = sample
+        where, blob, ad = sample
         if not sealer.enabled:
             raise StoreError(
                 f"import: {source} holds encrypted data ({where}); give its key with --key-file or DATA_ENCRYPTION_KEY"
             )
         try:
-            sealer.unseal(blob, where)
+            sealer.unseal(blob, where, ad)
         except StoreError:
             raise StoreError(f"import: {sealer.source} does not decrypt {where}: wrong key?") from None
         return
@@ -135,7 +138,7 @@ def _read_records(
             continue
         if is_sealed_record(rec):
             try:
-                rec = sealer.open_envelope(rec, where)
+                rec = sealer.open_envelope(rec, where, user_dir.name)
             except StoreError:
                 report.problems.append(f"{where}: does not decrypt (damaged, or written with another key)")
                 continue
@@ -172,7 +175,7 @@ def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: b
         if path is None:
             report.problems.append(f"{where}: image {image_id} has no image file; not imported")
             continue
-        image = _read_image(path, sealer, strip_metadata, report)
+        image = _read_image(path, user_id, sealer, strip_metadata, report)
         if image is None:
             continue
         try:
@@ -202,11 +205,13 @@ def _import_user(user_dir: Path, store: Store, sealer: Sealer, strip_metadata: b
         raise_case_counter(store, user_id, max(used))
 
 
-def _read_image(path: Path, sealer: Sealer, strip_metadata: bool, report: ImportReport) -> StoredImage | None:
+def _read_image(
+    path: Path, user_id: str, sealer: Sealer, strip_metadata: bool, report: ImportReport
+) -> StoredImage | None:
     data = path.read_bytes()
     if path.suffix == ".bin":
         try:
-            data = sealer.unseal(data, str(path))
+            data = sealer.unseal(data, str(path), image_binding(user_id, path.stem))
         except StoreError:
             report.problems.append(f"{path}: does not decrypt (damaged, or written with another key)")
             return None

@@ -7,6 +7,8 @@ the appliance must not pull in torch, and convert must run offline.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import sys
@@ -22,6 +24,12 @@ from .errors import ModelError
 MANIFEST = "model.json"
 # Beside the manifest: its sha256 (format 2 on), so a truncated or edited model.json is refused.
 MANIFEST_DIGEST = "model.json.sha256"
+# Beside those, optional: an Ed25519 signature over model.json's sha256 (`convert --sign-key`),
+# required when `model.trusted_keys` is set. Base64 of the 64-byte signature, one line.
+SIGNATURE = "model.json.sig"
+# What is signed: this prefix and the hex sha256 of model.json's bytes (the prefix keeps a
+# signature made for this purpose from meaning anything elsewhere).
+SIGNED_PREFIX = b"derm-appliance model.json sha256 "
 # 2: served_paths, verification, golden sha256 and model.json.sha256. convert writes FORMAT;
 # the appliance reads every one of FORMATS.
 FORMAT = 2
@@ -292,10 +300,16 @@ def write_json(path: Path, document: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def read_manifest(directory: Path, legacy_paths: Callable[[Iterable[Artifact]], list[ServedPath]]) -> Manifest:
+def read_manifest(
+    directory: Path,
+    legacy_paths: Callable[[Iterable[Artifact]], list[ServedPath]],
+    trusted_keys: tuple[Path, ...] = (),
+) -> Manifest:
     """Parse and sanity-check `model.json`, refusing a format this appliance does not read or an edited file.
 
-    `legacy_paths` gives the served paths of a format 1 manifest, which measured none.
+    `legacy_paths` gives the served paths of a format 1 manifest, which measured none. With
+    `trusted_keys`, model.json must carry a valid signature by one of them (format 2 only:
+    format 1 covers neither model.json nor its golden images with a hash).
     """
     path = directory / MANIFEST
     try:
@@ -305,11 +319,21 @@ def read_manifest(directory: Path, legacy_paths: Callable[[Iterable[Artifact]], 
         if fmt not in FORMATS:
             raise ModelError(f"{path}: format {fmt!r} is not one this appliance reads ({', '.join(map(str, FORMATS))}); "
                              f"upgrade the appliance or reconvert with its convert")
+        if trusted_keys and fmt < 2:
+            raise ModelError(f"{path}: format {fmt} cannot be signed and model.trusted_keys is set; "
+                             "reconvert with convert --sign-key")
         if fmt >= 2:
             _check_digest(directory, text)
+        if trusted_keys:
+            verify_signature(directory, text, trusted_keys)
         artifacts = {key: Artifact.from_json(key, a) for key, a in raw["artifacts"].items()}
         golden = tuple(GoldenImage(str(g["file"]), tuple(float(p) for p in g["probabilities"]),
                                    str(g["sha256"]) if "sha256" in g else None) for g in raw.get("golden", []))
+        # From format 2 on every file the server reads is hashed: a golden image without one would
+        # let whoever edits the directory choose what the self-check compares against.
+        unhashed = [g.file for g in golden if g.sha256 is None]
+        if fmt >= 2 and unhashed:
+            raise ValueError(f"golden {unhashed[0]} has no sha256")
         if fmt >= 2:
             served = tuple(ServedPath.from_json(p) for p in raw["served_paths"].values())
         else:
@@ -360,6 +384,81 @@ def _check_digest(directory: Path, text: bytes) -> None:
     if actual != expected:
         raise ModelError(f"{directory / MANIFEST}: sha256 {actual[:12]}… does not match {MANIFEST_DIGEST}'s "
                          f"{expected[:12]}…; the manifest was changed after convert wrote it: copy it again or reconvert")
+
+
+def signed_message(manifest_bytes: bytes) -> bytes:
+    """What a model signature signs: SIGNED_PREFIX and model.json's hex sha256."""
+    return SIGNED_PREFIX + hashlib.sha256(manifest_bytes).hexdigest().encode()
+
+
+def read_signing_key(key_file: Path) -> Any:
+    """The Ed25519 private key in `key_file` (unencrypted PEM, as `openssl genpkey -algorithm ed25519` writes)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"--sign-key {key_file}: cannot read an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ModelError(f"--sign-key {key_file}: expected an Ed25519 private key; got {type(key).__name__}")
+    return key
+
+
+def sign_manifest(directory: Path, key: Any) -> Path:
+    """Write SIGNATURE beside model.json, signed with `key` (see read_signing_key); its path."""
+    signature = key.sign(signed_message((directory / MANIFEST).read_bytes()))
+    path = directory / SIGNATURE
+    path.write_text(base64.b64encode(signature).decode() + "\n", encoding="ascii")
+    return path
+
+
+def load_trusted_keys(paths: Iterable[Path]) -> list[tuple[Path, Any]]:
+    """(path, Ed25519 public key) for each PEM file of `model.trusted_keys`; ModelError naming a bad one."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    keys = []
+    for path in paths:
+        try:
+            key = load_pem_public_key(Path(path).read_bytes())
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"model.trusted_keys: {path}: cannot read a PEM public key ({e})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ModelError(f"model.trusted_keys: {path}: expected an Ed25519 public key; got {type(key).__name__}")
+        keys.append((Path(path), key))
+    return keys
+
+
+def signature_ok(manifest_bytes: bytes, signature_text: bytes, keys: list[tuple[Path, Any]]) -> bool:
+    """Whether `signature_text` (SIGNATURE's content) signs these model.json bytes by one of `keys`."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        signature = base64.b64decode(signature_text.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    for _, key in keys:
+        try:
+            key.verify(signature, signed_message(manifest_bytes))
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def verify_signature(directory: Path, manifest_bytes: bytes, trusted_keys: tuple[Path, ...]) -> None:
+    """Refuse model.json unless SIGNATURE beside it signs it by one of `trusted_keys` (one line naming both)."""
+    keys = load_trusted_keys(trusted_keys)
+    path = directory / SIGNATURE
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; model.trusted_keys is set, so only a model signed by one of them "
+                         "(convert --sign-key) loads") from None
+    if not signature_ok(manifest_bytes, text, keys):
+        names = ", ".join(str(p) for p, _ in keys)
+        raise ModelError(f"{path}: not a valid signature of {MANIFEST} by any of model.trusted_keys ({names})")
 
 
 def sha256_file(path: Path) -> str:

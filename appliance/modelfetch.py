@@ -1,13 +1,19 @@
 """Models from a bucket: `model.url` (MODEL_URL) fetched into `model.cache_dir` at start.
 
 The URL names a model version directory (holding model.json) or a model
-directory whose highest numbered version is taken. Every artifact file the
-manifest lists is downloaded and its sha256 checked against the manifest
-before the copy is moved into place; one that differs stops start-up with one
-line naming the file. Layout of the cache::
+directory whose highest numbered version is taken. model.json is checked
+against model.json.sha256 and, with `model.trusted_keys`, its signature
+model.json.sig; every artifact and golden file the manifest lists is downloaded
+and its sha256 checked against the manifest before the copy is moved into
+place; one that differs stops start-up with one line naming the file. Layout
+of the cache::
 
-    <cache_dir>/<sha256(url)[:16]>/<version>/...   the verified copy
-    <cache_dir>/<sha256(url)[:16]>/verified.json    which version was last verified
+    <cache_dir>/<sha256(url)[:16]>/<version>-<n>/...   the verified copy
+    <cache_dir>/<sha256(url)[:16]>/verified.json        which copy was last verified
+
+A new copy goes into a directory of its own, then verified.json is replaced
+atomically to point at it, and only then are older copies removed: a crash at
+any point leaves the previous or the new verified copy, never neither.
 
 When the bucket cannot be reached, the last verified copy is used (with a
 warning); with none, start-up stops. A fleet then updates one bucket path.
@@ -25,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ConfigError, ModelError
-from .modeldir import MANIFEST, MANIFEST_DIGEST, digest_matches
+from .modeldir import MANIFEST, MANIFEST_DIGEST, SIGNATURE, digest_matches, load_trusted_keys, signature_ok
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def model_source(model: Any, bucket: Any) -> Path:
     """The model directory to load: `model.path`, or `model.url` fetched and verified (blocking)."""
     if not model.url:
         return Path(model.path)
-    return fetch_model(model.url, Path(model.cache_dir), bucket)
+    return fetch_model(model.url, Path(model.cache_dir), bucket, tuple(model.trusted_keys))
 
 
 def _cache_for(url: str, cache_dir: Path) -> Path:
@@ -52,14 +58,18 @@ def cached_model_dir(url: str, cache_dir: Path) -> Path | None:
     return _last_verified(_cache_for(url, cache_dir))
 
 
-def fetch_model(url: str, cache_dir: Path, bucket: Any) -> Path:
-    """Fetch the model at `url` into the cache and return its version directory."""
+def fetch_model(url: str, cache_dir: Path, bucket: Any, trusted_keys: tuple[Path, ...] = ()) -> Path:
+    """Fetch the model at `url` into the cache and return its version directory.
+
+    With `trusted_keys`, a model whose model.json.sig is missing or signed by none of them is refused.
+    """
     from .buckets import open_target
 
     cache = _cache_for(url, cache_dir)
+    keys = load_trusted_keys(trusted_keys)  # a bad key file is a config error, before any download
     target = open_target(url, bucket, max_retries=1)
     try:
-        return _download(target, url, cache)
+        return _download(target, url, cache, keys)
     except (ModelFetchRefused, ConfigError):
         raise
     except Exception as exc:  # unreachable bucket, expired credentials, ...: fall back
@@ -73,14 +83,16 @@ def fetch_model(url: str, cache_dir: Path, bucket: Any) -> Path:
 
 def _last_verified(cache: Path) -> Path | None:
     try:
-        version = json.loads((cache / VERIFIED).read_text(encoding="utf-8"))["version"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((cache / VERIFIED).read_text(encoding="utf-8"))
+        # "dir" since copies got directories of their own; a marker written before names only the version.
+        name = str(marker.get("dir", marker["version"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    path = cache / str(version)
-    return path if (path / MANIFEST).is_file() else None
+    path = cache / name
+    return path if name and "/" not in name and (path / MANIFEST).is_file() else None
 
 
-def _download(target: Any, url: str, cache: Path) -> Path:
+def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]]) -> Path:
     prefix = ""
     try:
         manifest_bytes = target.get_sync(MANIFEST)
@@ -99,8 +111,16 @@ def _download(target: Any, url: str, cache: Path) -> Path:
         if not digest_matches(manifest_bytes, digest_bytes):
             raise ModelFetchRefused(f"model.url: {url}/{prefix}{MANIFEST} does not match {MANIFEST_DIGEST} beside it; "
                                     f"refusing this model")
+    signature = _signature(target, prefix)
+    if keys and signature is None:
+        raise ModelFetchRefused(f"model.url: {url}/{prefix}{SIGNATURE} is missing and model.trusted_keys is set; "
+                                "refusing this model")
+    if keys and not signature_ok(manifest_bytes, signature or b"", keys):
+        raise ModelFetchRefused(f"model.url: {url}/{prefix}{SIGNATURE} is not a valid signature of {MANIFEST} by any "
+                                f"of model.trusted_keys ({', '.join(str(p) for p, _ in keys)}); refusing this model")
     current = _last_verified(cache)
-    if current is not None and (current / MANIFEST).read_bytes() == manifest_bytes and _intact(current, expected):
+    if (current is not None and (current / MANIFEST).read_bytes() == manifest_bytes
+            and _file_bytes(current / SIGNATURE) == signature and _intact(current, expected)):
         return current
     cache.mkdir(parents=True, exist_ok=True)
     staging = cache / f".staging-{os.getpid()}-{time.monotonic_ns()}"
@@ -118,18 +138,56 @@ def _download(target: Any, url: str, cache: Path) -> Path:
         (staging / MANIFEST).write_bytes(manifest_bytes)
         if digest_bytes is not None:
             (staging / MANIFEST_DIGEST).write_bytes(digest_bytes)
+        if signature is not None:
+            (staging / SIGNATURE).write_bytes(signature)
         _fsync_tree(staging)
-        final = cache / str(version)
-        if final.exists():
-            shutil.rmtree(final)
+        # Never over the verified copy: a name of its own, then the marker moves (atomically) to it.
+        final = _fresh_dir(cache, version)
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     marker = cache / f".{VERIFIED}.tmp"
-    marker.write_text(json.dumps({"version": version, "url": url, "verified_at": time.time()}), encoding="utf-8")
+    marker.write_text(json.dumps({"version": version, "dir": final.name, "url": url, "verified_at": time.time()}),
+                      encoding="utf-8")
+    _fsync_file(marker)
     os.replace(marker, cache / VERIFIED)
+    _fsync_file(cache)
+    for old in cache.iterdir():  # older copies, now that nothing points at them
+        if old != final and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
     log.info("model.url: fetched and verified %s version %d into %s", url, version, final)
     return final
+
+
+def _fresh_dir(cache: Path, version: int) -> Path:
+    """A copy directory for `version` that does not exist yet: <version>-<n>."""
+    n = 1
+    while (cache / f"{version}-{n}").exists():
+        n += 1
+    return cache / f"{version}-{n}"
+
+
+def _signature(target: Any, prefix: str) -> bytes | None:
+    """model.json.sig beside the manifest in the bucket, or None when there is none."""
+    try:
+        return bytes(target.get_sync(prefix + SIGNATURE))
+    except FileNotFoundError:
+        return None
+
+
+def _file_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _highest_version_prefix(target: Any, url: str) -> str:
@@ -175,8 +233,5 @@ def _intact(version_dir: Path, expected: dict[str, str | None]) -> bool:
 def _fsync_tree(root: Path) -> None:
     """Make the fetched files durable before they replace the previous copy."""
     for path in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(path)
+    _fsync_file(root)

@@ -85,6 +85,10 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime calibration methods to try, in order, until INT8 meets its bar (default: MinMax,Entropy,Percentile)")
     p.add_argument("--synthetic-images", type=int, default=32, metavar="N",
                    help="procedural photos for FP32 parity when no --calibration-dir is given (default: 32)")
+    p.add_argument("--sign-key", type=Path, default=None, metavar="FILE",
+                   help="Ed25519 private key (unencrypted PEM, e.g. from `openssl genpkey -algorithm ed25519`): "
+                        "also write model.json.sig, a signature over model.json's sha256, for servers whose "
+                        "model.trusted_keys lists the matching public key")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return p
 
@@ -101,6 +105,10 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="demo", help="model name (default: demo)")
     p.add_argument("--version", type=int, default=1, help="version to write (default: 1); refused if it exists")
     p.add_argument("--fp16", action="store_true", help="also write an FP16-compressed OpenVINO IR")
+    p.add_argument("--sign-key", type=Path, default=None, metavar="FILE",
+                   help="Ed25519 private key (unencrypted PEM, e.g. from `openssl genpkey -algorithm ed25519`): "
+                        "also write model.json.sig, a signature over model.json's sha256, for servers whose "
+                        "model.trusted_keys lists the matching public key")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return p
 
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             args = demo_parser().parse_args(argv[1:])
             from .demo import build_demo
 
-            build_demo(args.out, name=args.name, version=args.version, fp16=args.fp16)
+            build_demo(args.out, name=args.name, version=args.version, fp16=args.fp16, sign_key=args.sign_key)
             return 0
         args = convert_parser().parse_args(argv)
         return _convert(args)
@@ -156,7 +164,8 @@ def _convert(args: argparse.Namespace) -> int:
         synthetic_images=args.synthetic_images,
         methods=args.calibration_methods,
     )
-    convert(model, out=args.out, name=args.name, version=args.version, calibration=calibration, options=options)
+    convert(model, out=args.out, name=args.name, version=args.version, calibration=calibration, options=options,
+            sign_key=args.sign_key)
     return 0
 
 

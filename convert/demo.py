@@ -94,7 +94,9 @@ def _fit_head(model: nn.Module, seed: int) -> None:
         linear.bias.copy_((LOGIT_SCALE * (offset - (mean / std) @ weights)).float())
 
 
-def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False) -> Path:
+def build_demo(
+    out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False, sign_key: Path | None = None
+) -> Path:
     """Build the demo model directory `<out>/<name>/<version>/` and return it."""
     from .checkpoint import load_checkpoint
     from .images import image_set, jpeg_bytes
@@ -124,7 +126,8 @@ def build_demo(out: Path, *, name: str = "demo", version: int = 1, fp16: bool = 
         options = ConvertOptions(labels=list(FAMILIES), fp16=fp16, demo=True, heldout_count=HELDOUT_IMAGES,
                                  selection_count=SELECTION_IMAGES, methods=("MinMax",), allow_degraded=True)
         source_extra = {"generated_by": "python -m convert demo", "seed": DEMO_SEED, "kept": False}
-        return convert(loaded, out=Path(out), name=name, version=version, calibration=images, options=options, source_extra=source_extra)
+        return convert(loaded, out=Path(out), name=name, version=version, calibration=images, options=options,
+                       source_extra=source_extra, sign_key=sign_key)
 
 
 def checkpoint_sha256(checkpoint: dict) -> str:

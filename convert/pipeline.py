@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.errors import ModelError
 from appliance.modeldir import (
     Artifact,
     GoldenImage,
@@ -28,7 +29,9 @@ from appliance.modeldir import (
     ServedPath,
     input_shape,
     now,
+    read_signing_key,
     sha256_file,
+    sign_manifest,
     write_json,
     write_manifest,
 )
@@ -71,8 +74,18 @@ def convert(
     calibration: ImageSet | None,
     options: ConvertOptions,
     source_extra: dict | None = None,
+    sign_key: Path | None = None,
 ) -> Path:
-    """Convert `model` into `<out>/<name>/<version>/` and return that directory."""
+    """Convert `model` into `<out>/<name>/<version>/` and return that directory.
+
+    With `sign_key` (an Ed25519 private key, PEM), model.json is also signed (model.json.sig).
+    """
+    signing_key = None
+    if sign_key is not None:  # read first: a bad key must not cost a whole conversion
+        try:
+            signing_key = read_signing_key(sign_key)
+        except ModelError as exc:
+            raise ConvertError(str(exc.detail)) from None
     if not NAME_RE.match(name):
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
     if len(options.labels) != model.num_classes:
@@ -101,6 +114,8 @@ def convert(
             build.run()
             manifest, table = _finish(build, name, version, source_extra or {})
         write_manifest(manifest)
+        if signing_key is not None:
+            sign_manifest(building, signing_key)
         try:
             os.rename(building, final)
         except OSError as exc:

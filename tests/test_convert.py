@@ -355,3 +355,28 @@ def test_a_failed_search_names_where_the_error_grows(tmp_path):
     for described in result.worst_nodes:
         name, _, rest = described.partition(" (")
         assert name.startswith("/") and rest.split(",")[0] in ("Conv", "Gemm", "MatMul") and rest.endswith(" dB)")
+
+
+# --- signing (issue 13) ---------------------------------------------------------------
+
+
+def test_sign_key_signs_model_json_and_the_server_accepts_it(tmp_path, capsys):
+    from appliance.modeldir import verify_signature
+
+    from .test_model_signing import make_key_pair
+
+    private, public = make_key_pair(tmp_path, "release")
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--sign-key", private)
+    assert code == 0, err
+    version = tmp_path / "models" / "m" / "1"
+    verify_signature(version, (version / "model.json").read_bytes(), (public,))  # raises if not signed by it
+
+
+def test_an_unreadable_sign_key_fails_before_converting(tmp_path, capsys):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key\n")
+    path = write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict")
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--sign-key", junk)
+    assert code == 1 and err.startswith(f"convert: error: --sign-key {junk}: cannot read an unencrypted PEM private key")
+    assert not (tmp_path / "models").exists()

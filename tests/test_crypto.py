@@ -32,6 +32,14 @@ def old_decrypt(blob: bytes) -> bytes:
     return AESGCM(KEY).decrypt(blob[:12], blob[12:], None)
 
 
+def v2_decrypt(blob: bytes, kind: str, user_id: str, ref: str) -> bytes:
+    """Decrypt format v2 as the README states it: magic, nonce, ciphertext; bound to (kind, user, id)."""
+    magic = b"\xffDAv2\n"
+    assert blob.startswith(magic)
+    ad = "\0".join(("derm-appliance v2", kind, user_id, ref)).encode()
+    return AESGCM(KEY).decrypt(blob[len(magic):len(magic) + 12], blob[len(magic) + 12:], ad)
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -71,7 +79,7 @@ async def test_round_trip_through_the_server_leaves_no_plaintext(
     files = [p for p in root.rglob("*") if p.is_file()]
     images = [p for p in files if p.name.startswith(body["image_id"])]
     assert [p.suffix for p in images] == [".bin"]
-    assert old_decrypt(images[0].read_bytes()) == upload  # the old server's file format
+    assert v2_decrypt(images[0].read_bytes(), "image", "user001", body["image_id"]) == upload
     for path in files:
         data = path.read_bytes()
         # A 64-byte run of the JPEG, not its 3-byte marker: random ciphertext
@@ -82,8 +90,10 @@ async def test_round_trip_through_the_server_leaves_no_plaintext(
     if backend == "disk":
         lines = (root / "user001" / "metadata.jsonl").read_bytes().splitlines()
         envelopes = [json.loads(line) for line in lines]
-        assert all(set(e) == {"enc", "v"} and e["v"] == 1 for e in envelopes)
-        records = [json.loads(old_decrypt(base64.urlsafe_b64decode(e["enc"]))) for e in envelopes]
+        assert [(e["v"], e["id"]) for e in envelopes] == [
+            (2, f"image-record:{body['image_id']}"), (2, f"case-record:{body['case_id']}")]
+        records = [json.loads(v2_decrypt(base64.urlsafe_b64decode(e["enc"]), *e["id"].split(":")[:1], "user001",
+                                         e["id"].split(":", 1)[1])) for e in envelopes]
         assert [r.get("entry_type") for r in records] == [None, "case"]
         assert records[1]["notes"] == "itchy, 3 weeks" and records[1]["status"] == "confirmed"
     else:
@@ -91,7 +101,8 @@ async def test_round_trip_through_the_server_leaves_no_plaintext(
             rows = db.execute("SELECT user_id, case_id, entry_type, status_key, record FROM cases").fetchall()
         [(user_id, case_id, entry_type, status_key, record)] = rows
         assert (user_id, case_id, entry_type, status_key) == ("user001", body["case_id"], "case", "confirmed")
-        assert json.loads(old_decrypt(base64.urlsafe_b64decode(json.loads(record)["enc"])))["notes"] == "itchy, 3 weeks"
+        blob = base64.urlsafe_b64decode(json.loads(record)["enc"])
+        assert json.loads(v2_decrypt(blob, "case-record", "user001", case_id))["notes"] == "itchy, 3 weeks"
 
     # A restart with the same key reads everything back.
     client = await aiohttp_client(create_app(config))
@@ -181,8 +192,8 @@ def test_key_sources_in_order(tmp_path: Path, key_file: Path) -> None:
     assert sealer.source == "credential data-encryption-key" and sealer.enabled
     assert not load_sealer(False, key_file, env).enabled
     # The key round-trips: what one source's sealer seals, the same key from another source opens.
-    blob = load_sealer(True, key_file, {}).seal(b"x")
-    assert load_sealer(True, None, {"DATA_ENCRYPTION_KEY": KEY_B64}).unseal(blob, "blob") == b"x"
+    blob = load_sealer(True, key_file, {}).seal(b"x", b"ad")
+    assert load_sealer(True, None, {"DATA_ENCRYPTION_KEY": KEY_B64}).unseal(blob, "blob", b"ad") == b"x"
 
 
 def test_key_errors_name_their_source(tmp_path: Path) -> None:

@@ -142,8 +142,8 @@ def expected_objects(store: Any, user: str = "user001") -> dict[str, bytes]:
     for record in store.list_images(user):
         data = store.read_image(user, record["image_id"])
         fmt = {"jpeg": "jpeg", "png": "png", "webp": "webp"}[record["format"]]
-        objects[f"clinic/{keys.image_key(BOX, record, fmt)}"] = strip_metadata(data, fmt)
-        objects[f"clinic/{keys.image_record_key(BOX, record)}"] = json.dumps(record, sort_keys=True).encode()
+        objects[f"clinic/{keys.image_key(BOX, user, record, fmt)}"] = strip_metadata(data, fmt)
+        objects[f"clinic/{keys.image_record_key(BOX, user, record)}"] = json.dumps(record, sort_keys=True).encode()
     for case in list_cases(store, user, status=None, limit=1000, include_uncertain=True, include_rejected=True):
         objects[f"clinic/{keys.case_key(BOX, user, case['case_id'])}"] = json.dumps(case, sort_keys=True).encode()
     return objects
@@ -190,8 +190,8 @@ async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
         created = store.image_record("user001", image_id)["created_at"]
         return f"{created[:4]}/{created[5:7]}/{created[8:10]}"
 
-    first_key = f"clinic/{BOX}/images/{day(first['image_id'])}/{first['image_id']}"
-    second_key = f"clinic/{BOX}/images/{day(second['image_id'])}/{second['image_id']}"
+    first_key = f"clinic/{BOX}/images/user001/{day(first['image_id'])}/{first['image_id']}"
+    second_key = f"clinic/{BOX}/images/user001/{day(second['image_id'])}/{second['image_id']}"
     assert sorted(expected) == sorted([
         f"{first_key}.jpg", f"{first_key}.json", f"{second_key}.png", f"{second_key}.json",
         f"clinic/{BOX}/cases/user001/{case_id}.json",
@@ -215,8 +215,8 @@ async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
     conn = connect(Path(store.outbox_path))
     conn.execute("BEGIN IMMEDIATE")
     for image_id in images:
-        enqueue(conn, "image", "user001", image_id)
-    enqueue(conn, "case", "user001", case_id)
+        enqueue(conn, "image", "user001", image_id, 1)
+    enqueue(conn, "case", "user001", case_id, 1)
     conn.execute("COMMIT")
     conn.close()
     assert await asyncio.to_thread(sync_command, config.storage, config.sync, config.bucket, status=False, once=True) == 0

@@ -10,10 +10,17 @@ from appliance.sync import keys
 
 def test_keys_are_deterministic_and_dated_by_the_record() -> None:
     record = {"image_id": "abc", "created_at": "2026-03-01T23:30:00-02:00"}
-    assert keys.image_key("b", record, "jpeg") == "b/images/2026/03/02/abc.jpg"
-    assert keys.image_record_key("b", record) == "b/images/2026/03/02/abc.json"
-    assert keys.image_key("b", {"image_id": "abc"}, "png") == "b/images/undated/abc.png"
+    assert keys.image_key("b", "user001", record, "jpeg") == "b/images/user001/2026/03/02/abc.jpg"
+    assert keys.image_record_key("b", "user001", record) == "b/images/user001/2026/03/02/abc.json"
+    assert keys.image_key("b", "user001", {"image_id": "abc"}, "png") == "b/images/user001/undated/abc.png"
     assert keys.case_key("b", "user001", "10000") == "b/cases/user001/10000.json"
+
+
+def test_two_users_images_with_one_id_never_share_a_key() -> None:
+    # Imported legacy image ids are free-form, so two users can hold the same one (issue 13).
+    record = {"image_id": "IMG_0001", "created_at": "2026-03-01T10:00:00+00:00"}
+    assert keys.image_key("b", "alice", record, "jpeg") != keys.image_key("b", "bob", record, "jpeg")
+    assert keys.image_record_key("b", "alice", record) != keys.image_record_key("b", "bob", record)
 
 
 def test_default_box_id_is_the_host_name_and_machine_id(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ async def test_a_model_in_a_bucket_is_fetched_verified_and_served(
     client = await aiohttp_client(create_app(config))
     info = await (await client.get("/v1/info")).json()
     assert (info["model"]["name"], info["model"]["version"]) == ("tiny", "1")
-    (copy,) = [p for p in (tmp_path / "cache").glob("*/1")]
+    (copy,) = [p for p in (tmp_path / "cache").glob("*/1-*")]
     assert tree_hashes(copy) == tree_hashes(tiny_model_dir)
     verified = json.loads((copy.parent / "verified.json").read_text())
     assert (verified["version"], verified["url"]) == (1, bucket.url(MODEL_KEY))
@@ -88,7 +88,7 @@ def test_a_version_directory_url_works_too(make_config: Callable[..., Config], s
     config = make_config(model__url=bucket.url(f"{MODEL_KEY}/1"), model__cache_dir=str(tmp_path / "cache"),
                          **bucket.config())
     path = model_source(config.model, config.bucket)
-    assert path.name == "1" and tree_hashes(path) == tree_hashes(tiny_model_dir)
+    assert path.name == "1-1" and tree_hashes(path) == tree_hashes(tiny_model_dir)
 
 
 def test_a_tampered_artifact_is_refused_with_one_line(
@@ -113,7 +113,7 @@ def test_a_tampered_artifact_is_refused_with_one_line(
         f"appliance: error: model.url: {bucket.url(MODEL_KEY)}/1/model.onnx does not match its manifest sha256 "
         f"(expected {good}, got {bad}); refusing this model"
     ]
-    assert not any((tmp_path / "cache").glob("*/1"))  # nothing unverified was kept
+    assert not any((tmp_path / "cache").glob("*/1-*"))  # nothing unverified was kept
 
 
 async def test_offline_start_uses_the_last_verified_copy(

@@ -9,6 +9,7 @@ PyTorch's answers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -91,13 +92,20 @@ def _suggest_name(path: Path) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or "model"
 
 
-def read_manifest(directory: Path) -> Manifest:
-    """Parse and sanity-check `model.json` (see modeldir.read_manifest); format 1's paths from the runtime registry."""
+def read_manifest(directory: Path, trusted_keys: tuple[Path, ...] = ()) -> Manifest:
+    """Parse and sanity-check `model.json` (see modeldir.read_manifest), signed by one of `trusted_keys` when given.
+
+    Format 1's served paths come from the runtime registry.
+    """
     def legacy(artifacts: Iterable[Artifact]) -> list[ServedPath]:
         # Only a format 1 manifest asks, so only then are the runtime classes imported.
         return legacy_paths(artifacts, {name: runtime_class(name).formats for name in RUNTIMES})
 
-    return modeldir.read_manifest(directory, legacy)
+    manifest = modeldir.read_manifest(directory, legacy, trusted_keys)
+    if manifest.format < 2:
+        log.warning("%s is format 1: neither it nor its golden images are covered by a hash; reconvert to get "
+                    "format 2", directory / MANIFEST)
+    return manifest
 
 
 def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choice:
@@ -120,10 +128,13 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
     return choice
 
 
-def load_model(path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int) -> LoadedModel:
-    """Resolve, verify, choose the served path, load, warm up and self-check; raise ModelError on any failure."""
+def load_model(
+    path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = ()
+) -> LoadedModel:
+    """Resolve, verify (signature by one of `trusted_keys` when given), choose the served path, load, warm up
+    and self-check; raise ModelError on any failure."""
     directory = resolve_model_dir(path)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, trusted_keys)
     runtime = create_runtime(wanted.runtime, runtime_config)
     choice = choose(manifest, wanted, type(runtime).formats)
     artifact = manifest.artifacts[choice.path.artifact]
@@ -174,7 +185,11 @@ def self_check(model: LoadedModel, max_batch: int) -> float:
         raise ModelError(f"{manifest.directory / MANIFEST}: no golden images; the self-check cannot run")
     tensors = []
     for image in manifest.golden:
-        data = (manifest.directory / image.file).read_bytes()
+        path = manifest.directory / image.file
+        data = path.read_bytes()
+        # Checked again on the bytes used: the file could have changed since load_model hashed it.
+        if image.sha256 is not None and hashlib.sha256(data).hexdigest() != image.sha256:
+            raise ModelError(f"{path}: sha256 does not match the manifest's {image.sha256[:12]}… (golden image)")
         tensors.append(imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=served.decode).tensor)
     answers = np.concatenate([model.runtime.infer(np.stack(tensors[i : i + max_batch]))
                               for i in range(0, len(tensors), max_batch)])

@@ -97,6 +97,9 @@ class Store(Protocol):
     def case_record(self, user_id: str, case_id: str) -> dict[str, Any] | None:
         """The case/uncertain/reject record of that case id as stored now, or None."""
 
+    def reseal(self) -> int:
+        """Rewrite every record and image file of an encrypted store as format v2; how many were rewritten."""
+
     def stats(self) -> dict[str, Any]:
         """Counts and sizes for /ready, /v1/info and the status page; cheap to call.
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from ..errors import StoreError
-from .crypto import Sealer
-from .files import check_id, lock_root, prepare_root
+from .crypto import Sealer, image_binding
+from .files import check_id, lock_root, prepare_root, write_atomic
 
 
 @dataclass
@@ -79,8 +79,8 @@ class Records(Protocol):
     def delete_case(self, row: Row) -> None:
         """Remove a case record."""
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
-        """Announce (kind, user, ref) to the sync outbox, when the store has one."""
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
+        """Announce (kind, user, ref) and the bytes it will upload to the sync outbox, when the store has one."""
 
 
 class BaseStore:
@@ -119,12 +119,20 @@ class BaseStore:
     def _close_root(self) -> None:
         """Release the back end's handles; called on close and on a failed open."""
 
-    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes] | None]:
-        """Where plain data was found (or None), and one sealed sample (where, bytes) or None."""
+    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
+        """Where plain data was found (or None), and one sealed sample (where, bytes, associated data) or None."""
         raise NotImplementedError
 
     def _section(self, user_id: str | None, write: bool) -> contextlib.AbstractContextManager[Records]:
         """The back end's `Records` for one user (or every user), committed when it ends."""
+        raise NotImplementedError
+
+    def _user_ids(self) -> list[str]:
+        """Every user that has records or a counter (under the held lock)."""
+        raise NotImplementedError
+
+    def _image_file(self, user_id: str, image_id: str) -> Path | None:
+        """Where an image's encrypted file is, or None (under the held lock)."""
         raise NotImplementedError
 
     @property
@@ -193,6 +201,39 @@ class BaseStore:
             check_id("user_id", user_id)
         with self._using(action), self._section(user_id, False) as records:
             yield records
+
+    # -- re-encryption ----------------------------------------------------------------
+
+    def reseal(self) -> int:
+        """Rewrite every record and image file of an encrypted store as format v2; how many were rewritten.
+
+        For data written in v1 (the old server's, or this appliance's before issue 13). Each
+        write is atomic and both formats are read, so an interrupted run is simply run again.
+        """
+        if not self.sealer.enabled:
+            return 0
+        with self._using("listing users"):
+            users = self._user_ids()
+        count = 0
+        for user_id in users:
+            with self.writing(user_id, f"re-encrypting the records of user {user_id}") as records:
+                images = records.images()
+                for row in images:
+                    records.put_image(row)
+                for case_id in sorted({str(row.load()["case_id"]) for row in records.case_rows()}):
+                    for row in records.cases(case_id):
+                        records.put_case(row)
+                        count += 1
+            for row in images:
+                image_id = row.record["image_id"]
+                with self._using(f"re-encrypting image {image_id}"):
+                    path = self._image_file(user_id, image_id)
+                    if path is not None:
+                        ad = image_binding(user_id, image_id)
+                        write_atomic(path, self.sealer.seal(self.sealer.unseal(path.read_bytes(), str(path), ad), ad))
+                        count += 1
+            count += len(images)
+        return count
 
     # -- reads every back end answers the same way ----------------------------------
 

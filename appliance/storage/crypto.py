@@ -1,10 +1,22 @@
-"""Encryption at rest: AES-GCM for image files and records, in the old server's format.
+"""Encryption at rest: AES-GCM for image files and records, bound to the record they belong to.
 
-An image file is `nonce (12 bytes) || ciphertext+tag`; a record is the JSON line
-`{"enc": urlsafe_b64(nonce || ciphertext+tag), "v": 1}` with no associated
-data, exactly as the old server wrote them, so its encrypted `disk` stores
-open here and ours open there. Every nonce is random (96 bits): a store
-encrypts far fewer than the 2^32 messages per key where that becomes a concern.
+New writes use format v2, whose associated data names the user and the image
+(or case) a ciphertext belongs to, so one moved to another user's record, or
+to another record, does not decrypt:
+
+- an image file is `MAGIC_V2 || nonce (12 bytes) || ciphertext+tag`, bound to
+  ("image", user id, image id);
+- a record is the JSON line `{"enc": urlsafe_b64(MAGIC_V2 || nonce || ct+tag),
+  "v": 2, "id": "<kind>:<id>"}`, bound to (kind, user id, id) where kind is
+  "image-record" or "case-record"; once decrypted, the record must be the one
+  its `id` names.
+
+The user id comes from where the data sits (its folder or row), never from the
+data. Format v1, the old server's (`nonce || ciphertext+tag` and
+`{"enc": ..., "v": 1}`, no associated data), is still read, so its encrypted
+`disk` stores open here; `appliance import-legacy --reencrypt` rewrites v1 data
+as v2. Every nonce is random (96 bits): a store encrypts far fewer than the
+2^32 messages per key where that becomes a concern.
 
 The key is URL-safe base64 of 16, 24 or 32 bytes, taken from (first found)
 `DATA_ENCRYPTION_KEY`, the file named by `DATA_ENCRYPTION_KEY_FILE`, the file
@@ -30,10 +42,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigError, StoreError
+from . import CASE_ENTRY_TYPES
 from . import records as R
 from .files import write_atomic
 
 NONCE_BYTES = 12
+# Starts every v2 ciphertext. A v1 one starts with its random nonce, so one in 2^48 looks
+# like v2; `_decrypt` then falls back to reading it as v1.
+MAGIC_V2 = b"\xffDAv2\n"
 KEY_CHECK = "key_check.json"  # has a dot, so never taken for a user folder
 CREDENTIAL_NAME = "data-encryption-key"
 # Encrypted under the key at first open; decrypting it proves the key before any record is read.
@@ -89,8 +105,20 @@ def load_sealer(encrypt: bool, key_file: Path | None, environ: Mapping[str, str]
 
 
 def is_sealed_record(value: Any) -> bool:
-    """True for the old server's encrypted record envelope `{"enc": ..., "v": 1}`."""
-    return isinstance(value, dict) and set(value) == {"enc", "v"}
+    """True for an encrypted record envelope: v1 `{"enc": ..., "v": 1}` or v2 `{"enc": ..., "v": 2, "id": ...}`."""
+    return isinstance(value, dict) and set(value) in ({"enc", "v"}, {"enc", "v", "id"})
+
+
+def binding(kind: str, user_id: str, ref: str) -> bytes:
+    """The v2 associated data of (kind, user, id): what a ciphertext is bound to."""
+    return "\0".join(("derm-appliance v2", kind, user_id, ref)).encode()
+
+
+def record_id(record: dict[str, Any]) -> str:
+    """A record's identity as the v2 envelope names it: "case-record:<case_id>" or "image-record:<image_id>"."""
+    if record.get("entry_type") in CASE_ENTRY_TYPES:
+        return f"case-record:{record.get('case_id')}"
+    return f"image-record:{record.get('image_id')}"
 
 
 class Sealer:
@@ -106,33 +134,51 @@ class Sealer:
 
     # -- bytes --------------------------------------------------------------
 
-    def seal(self, data: bytes) -> bytes:
-        """`nonce || ciphertext+tag` of `data` (or `data` itself without a key)."""
+    def seal(self, data: bytes, ad: bytes) -> bytes:
+        """v2 `MAGIC_V2 || nonce || ciphertext+tag` of `data` bound to `ad` (see `binding`), or `data` without a key."""
         if self._aead is None:
             return data
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, data, None)
+        return MAGIC_V2 + nonce + self._aead.encrypt(nonce, data, ad)
 
-    def unseal(self, blob: bytes, where: str) -> bytes:
-        """The plaintext of `seal`'s output; StoreError naming `where` when it does not decrypt."""
+    def unseal(self, blob: bytes, where: str, ad: bytes | None) -> bytes:
+        """The plaintext of a v2 blob bound to `ad`, or of a v1 blob; StoreError naming `where` when it does not decrypt."""
         if self._aead is None:
             return blob
+        plain = self._decrypt(blob, ad)
+        if plain is None:
+            why = "wrong key or damaged data" if ad is None else "wrong key, damaged data, or moved from another record"
+            raise StoreError(f"storage: {self.source} does not decrypt {where}: {why}")
+        return plain
+
+    def _decrypt(self, blob: bytes, ad: bytes | None) -> bytes | None:
+        """v2 (when `blob` starts with MAGIC_V2 and `ad` is given) else v1; None when neither decrypts."""
+        assert self._aead is not None
+        if ad is not None and blob.startswith(MAGIC_V2):
+            body = blob[len(MAGIC_V2):]
+            try:
+                return self._aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], ad)
+            except (InvalidTag, ValueError):
+                pass  # a v1 blob whose nonce happens to start with the magic: try it as v1
         try:
             return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], None)
         except (InvalidTag, ValueError):
-            raise StoreError(f"storage: {self.source} does not decrypt {where}: wrong key or damaged data") from None
+            return None
 
     # -- records ------------------------------------------------------------
 
-    def dumps(self, record: dict[str, Any]) -> str:
-        """One JSON line for a record: the record itself, or its encrypted envelope."""
+    def dumps(self, record: dict[str, Any], user_id: str) -> str:
+        """One JSON line for `user_id`'s record: the record itself, or its v2 envelope."""
         text = R.dumps(record)
         if self._aead is None:
             return text
-        return json.dumps({"enc": base64.urlsafe_b64encode(self.seal(text.encode())).decode(), "v": 1})
+        ident = record_id(record)
+        kind, _, ref = ident.partition(":")
+        blob = self.seal(text.encode(), binding(kind, user_id, ref))
+        return json.dumps({"enc": base64.urlsafe_b64encode(blob).decode(), "v": 2, "id": ident})
 
-    def loads(self, text: str | bytes, where: str) -> dict[str, Any]:
-        """A record from a `dumps` line; StoreError naming `where` if it cannot be read as one."""
+    def loads(self, text: str | bytes, where: str, user_id: str) -> dict[str, Any]:
+        """`user_id`'s record from a `dumps` line; StoreError naming `where` if it cannot be read as one."""
         try:
             value = json.loads(text)
         except ValueError:
@@ -140,32 +186,39 @@ class Sealer:
         if is_sealed_record(value):
             if self._aead is None:
                 raise StoreError(f"storage: {where} is encrypted but storage.encrypt (ENCRYPT_STORAGE) is off")
-            value = self.open_envelope(value, where)
+            value = self.open_envelope(value, where, user_id)
         if not isinstance(value, dict):
             raise StoreError(f"storage: {where} is not a JSON record")
         return value
 
-    def open_envelope(self, envelope: dict[str, Any], where: str) -> Any:
-        """The JSON value inside `{"enc": ..., "v": 1}`; StoreError naming `where` if it does not decrypt."""
-        if envelope.get("v") != 1 or not isinstance(envelope.get("enc"), str):
-            raise StoreError(f"storage: {where}: unknown encrypted record version {envelope.get('v')!r}")
+    def open_envelope(self, envelope: dict[str, Any], where: str, user_id: str) -> Any:
+        """The JSON value inside a v1 or v2 envelope of `user_id`'s; StoreError naming `where` if it does not decrypt.
+
+        A v2 record must also be the record its envelope names (a copy of another record of the same user's
+        decrypts, but is refused here).
+        """
+        sample = envelope_bytes(envelope, user_id)
+        if sample is None:
+            raise StoreError(f"storage: {where}: unknown or damaged encrypted record (version {envelope.get('v')!r})")
+        blob, ad = sample
+        plain = self.unseal(blob, where, ad)
         try:
-            blob = base64.urlsafe_b64decode(envelope["enc"])
-        except (binascii.Error, ValueError):
-            raise StoreError(f"storage: {where}: encrypted record is not base64") from None
-        plain = self.unseal(blob, where)
-        try:
-            return json.loads(plain)
+            value = json.loads(plain)
         except ValueError:
             raise StoreError(f"storage: {where} decrypts to something that is not JSON") from None
+        if envelope["v"] == 2 and (not isinstance(value, dict) or record_id(value) != envelope["id"]):
+            raise StoreError(f"storage: {where} is sealed as {envelope['id']} but holds another record")
+        return value
 
     # -- the store's key check ---------------------------------------------
 
-    def check_root(self, root: Path, *, plain_data: str | None, sealed_sample: tuple[str, bytes] | None) -> None:
+    def check_root(
+        self, root: Path, *, plain_data: str | None, sealed_sample: tuple[str, bytes, bytes | None] | None
+    ) -> None:
         """Refuse a wrong key or a mix of plain and encrypted data; write the key check value on first use.
 
         `plain_data` names something unencrypted already stored (or None);
-        `sealed_sample` is (where, bytes) of something encrypted already stored.
+        `sealed_sample` is (where, bytes, associated data) of something encrypted already stored.
         """
         check = root / KEY_CHECK
         if self._aead is None:
@@ -193,24 +246,37 @@ class Sealer:
                 "is on; encryption is only turned on for an empty store (see README, Encryption at rest)"
             )
         if sealed_sample is not None:
-            where, blob = sealed_sample
-            try:
-                self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], None)
-            except (InvalidTag, ValueError):
-                raise StoreError(f"storage: {self.source} does not decrypt {where}: wrong key?") from None
-        body = {"check": base64.urlsafe_b64encode(self.seal(_CHECK_PLAINTEXT)).decode(), "v": 1}
+            where, blob, ad = sealed_sample
+            if self._decrypt(blob, ad) is None:
+                raise StoreError(f"storage: {self.source} does not decrypt {where}: wrong key?")
+        # The check value stays v1 (no associated data): it belongs to no user or record.
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        check_blob = nonce + self._aead.encrypt(nonce, _CHECK_PLAINTEXT, None)
+        body = {"check": base64.urlsafe_b64encode(check_blob).decode(), "v": 1}
         try:
             write_atomic(check, json.dumps(body).encode())
         except OSError as e:
             raise StoreError(f"storage: cannot write {check}: {e.strerror or e}") from e
 
 
-def envelope_bytes(line: bytes | str) -> bytes | None:
-    """The `nonce || ciphertext+tag` inside an encrypted record line, or None if it is not one."""
+def envelope_bytes(line: bytes | str | dict[str, Any], user_id: str) -> tuple[bytes, bytes | None] | None:
+    """(sealed bytes, associated data) inside `user_id`'s encrypted record line or envelope; None if it is not one."""
     try:
-        value = json.loads(line)
-        if is_sealed_record(value) and isinstance(value["enc"], str):
-            return base64.urlsafe_b64decode(value["enc"])
+        value = json.loads(line) if isinstance(line, (bytes, str)) else line
+        if not is_sealed_record(value) or not isinstance(value["enc"], str):
+            return None
+        blob = base64.urlsafe_b64decode(value["enc"])
     except (ValueError, binascii.Error):
-        pass
+        return None
+    if value["v"] == 1 and "id" not in value:
+        return blob, None
+    # A v2 envelope holds only v2 bytes: a v1 blob (no associated data) wrapped in one would be movable.
+    if value["v"] == 2 and isinstance(value.get("id"), str) and ":" in value["id"] and blob.startswith(MAGIC_V2):
+        kind, _, ref = value["id"].partition(":")
+        return blob, binding(kind, user_id, ref)
     return None
+
+
+def image_binding(user_id: str, image_id: str) -> bytes:
+    """The associated data of an image file."""
+    return binding("image", user_id, image_id)

@@ -35,7 +35,7 @@ from ..errors import StoreError
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
 from .base import BaseStore, CaseRow, Row
-from .crypto import Sealer, envelope_bytes, is_sealed_record
+from .crypto import Sealer, envelope_bytes, image_binding, is_sealed_record
 from .files import (
     append_durable,
     check_id,
@@ -77,10 +77,10 @@ class _Line:
     def set(self, rec: dict[str, Any]) -> None:
         self.rec, self.raw = rec, None
 
-    def to_bytes(self, sealer: Sealer) -> bytes:
+    def to_bytes(self, sealer: Sealer, user_id: str) -> bytes:
         if self.raw is not None:
             return self.raw + b"\n"
-        return (sealer.dumps(self.rec) + "\n").encode()
+        return (sealer.dumps(self.rec, user_id) + "\n").encode()
 
 
 def _parse_line(raw: bytes) -> _Line:
@@ -135,6 +135,13 @@ class DiskStore(BaseStore):
         if self._outbox is not None and jobs:
             commit_jobs(self._outbox, self.outbox_path, jobs)
 
+    def _user_ids(self) -> list[str]:
+        return [p.name for p in self._user_dirs()]
+
+    def _image_file(self, user_id: str, image_id: str) -> Path | None:
+        path = self.root / user_id / f"{image_id}.bin"
+        return path if path.is_file() else None
+
     def _user_dirs(self) -> list[Path]:
         # Anything whose name is not a valid user id (lost+found, the lock) is not ours.
         return sorted(p for p in self.root.iterdir() if is_id(p.name) and p.is_dir())
@@ -171,40 +178,43 @@ class DiskStore(BaseStore):
             return []
         complete = data[: data.rfind(b"\n") + 1]
         where = user_dir / METADATA
-        return [self._parse(raw, f"{where}:{n}") for n, raw in enumerate(complete.split(b"\n"), 1) if raw.strip()]
+        user_id = user_dir.name
+        return [
+            self._parse(raw, f"{where}:{n}", user_id) for n, raw in enumerate(complete.split(b"\n"), 1) if raw.strip()
+        ]
 
-    def _parse(self, raw: bytes, where: str) -> _Line:
-        """One line as a record; an encrypted one decrypted (StoreError naming `where` if it does not)."""
+    def _parse(self, raw: bytes, where: str, user_id: str) -> _Line:
+        """One line of `user_id`'s as a record; an encrypted one decrypted (StoreError naming `where` if it does not)."""
         line = _parse_line(raw)
-        if not line.readable and self.sealer.enabled and envelope_bytes(raw) is not None:
-            return _Line(self.sealer.loads(raw, where), raw)
+        if not line.readable and self.sealer.enabled and envelope_bytes(raw, user_id) is not None:
+            return _Line(self.sealer.loads(raw, where, user_id), raw)
         return line
 
-    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes] | None]:
+    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
         plain: str | None = None
-        sealed: tuple[str, bytes] | None = None
+        sealed: tuple[str, bytes, bytes | None] | None = None
         for user_dir in self._user_dirs():
             try:
                 lines = (user_dir / METADATA).read_bytes().split(b"\n")
             except FileNotFoundError:
                 lines = []
             for n, raw in enumerate(lines, 1):
-                blob = envelope_bytes(raw)
-                if blob is not None and sealed is None:
-                    sealed = (f"{user_dir / METADATA}:{n}", blob)
-                elif blob is None and plain is None and _parse_line(raw).readable and raw.strip():
+                sample = envelope_bytes(raw, user_dir.name)
+                if sample is not None and sealed is None:
+                    sealed = (f"{user_dir / METADATA}:{n}", *sample)
+                elif sample is None and plain is None and _parse_line(raw).readable and raw.strip():
                     plain = f"{user_dir / METADATA}:{n}"
             for path in sorted(user_dir.iterdir()):
                 if plain is None and path.suffix in IMAGE_SUFFIXES and is_id(path.stem):
                     plain = str(path)
                 if sealed is None and path.suffix == ".bin" and is_id(path.stem):
-                    sealed = (str(path), path.read_bytes())
+                    sealed = (str(path), path.read_bytes(), image_binding(user_dir.name, path.stem))
             if plain is not None and sealed is not None:
                 break
         return plain, sealed
 
     def _rewrite(self, user_dir: Path, lines: list[_Line]) -> None:
-        write_atomic(user_dir / METADATA, b"".join(line.to_bytes(self.sealer) for line in lines))
+        write_atomic(user_dir / METADATA, b"".join(line.to_bytes(self.sealer, user_dir.name) for line in lines))
 
     def _read_counter(self, user_dir: Path) -> int | None:
         path = user_dir / COUNTER
@@ -227,7 +237,7 @@ class DiskStore(BaseStore):
         """Store the file, then append its record line (the commit point); or neither."""
         user_dir = self.root / check_id("user_id", user_id)
         rec = R.image_record(image, record)
-        line = (self.sealer.dumps(rec) + "\n").encode()
+        line = (self.sealer.dumps(rec, user_id) + "\n").encode()
         # Encrypted files are named .bin, as the old server named them.
         path = user_dir / f"{image.image_id}{'.bin' if self.sealer.enabled else image.suffix}"
         with self._using(f"saving image {image.image_id}"):
@@ -236,7 +246,7 @@ class DiskStore(BaseStore):
             make_dir(user_dir)
             self._enqueue([("image", user_id, image.image_id, len(image.data) + len(line))])
             try:
-                self._write_image_file(path, bytes(image.data))
+                self._write_image_file(path, bytes(image.data), image_binding(user_id, image.image_id))
                 self._commit_image_record(user_dir, line)
             except BaseException:
                 # Best effort; an orphan left behind is removed at the next open().
@@ -246,8 +256,8 @@ class DiskStore(BaseStore):
             self._images += 1
             self._image_bytes += len(image.data)
 
-    def _write_image_file(self, path: Path, data: bytes) -> None:
-        write_atomic(path, self.sealer.seal(data))
+    def _write_image_file(self, path: Path, data: bytes, ad: bytes) -> None:
+        write_atomic(path, self.sealer.seal(data, ad))
 
     def _commit_image_record(self, user_dir: Path, line: bytes) -> None:
         """The commit point of a save: the record line, appended and fsync'd."""
@@ -266,7 +276,8 @@ class DiskStore(BaseStore):
                 path = user_dir / f"{image_id}{suffix}"
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                     data = path.read_bytes()
-                    return self.sealer.unseal(data, str(path)) if suffix == ".bin" else data
+                    ad = image_binding(user_id, image_id)
+                    return self.sealer.unseal(data, str(path), ad) if suffix == ".bin" else data
         return None
 
     # -- status -------------------------------------------------------------
@@ -348,7 +359,7 @@ class _Records:
         self.lines.remove(row.key)
         self._lines_changed, self._cases_delta = True, self._cases_delta - 1
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
         assert self.user_id is not None
         self._jobs.append((kind, self.user_id, ref, size_bytes))
 

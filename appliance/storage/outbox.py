@@ -2,7 +2,10 @@
 
 A job names what to upload, never the bytes: (`kind`, `user_id`, `ref`) is an
 image ("image": bytes and record), an image record changed by a case
-("image_record") or a case record ("case"). Enqueueing a name that is already
+("image_record") or a case record ("case"); `size_bytes` is what it will
+upload, for the sync disk budget. A job that failed `sync.max_attempts` times
+has `dead_at` set: a dead letter, kept but no longer tried until
+`appliance sync retry`. Enqueueing a name that is already
 waiting bumps its `version` instead of adding a row (see sync/outbox.py for
 how the worker uses it).
 
@@ -35,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
     failed_at REAL,
+    dead_at REAL,
     UNIQUE (kind, user_id, ref)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
@@ -42,19 +46,34 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
 
 
 def create_table(conn: sqlite3.Connection) -> None:
-    """Create the outbox table and its index if missing (inside the caller's transaction)."""
+    """Create the outbox table and its index if missing, and add `dead_at` to an older table (inside the caller's transaction)."""
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    # Outboxes written before dead letters (issue 13) lack the column; their jobs stay live.
+    if not has_dead_letters(conn):
+        conn.execute("ALTER TABLE outbox ADD COLUMN dead_at REAL")
 
 
-def enqueue(conn: sqlite3.Connection, kind: str, user_id: str, ref: str, size_bytes: int = 0) -> None:
-    """Announce that (kind, user, ref) must be uploaded; within the caller's transaction."""
+def has_dead_letters(conn: sqlite3.Connection) -> bool:
+    """True when the outbox table has the `dead_at` column (a read-only reader of an old file may find none)."""
+    return any(row[1] == "dead_at" for row in conn.execute("PRAGMA table_info(outbox)"))
+
+
+def enqueue(conn: sqlite3.Connection, kind: str, user_id: str, ref: str, size_bytes: int) -> None:
+    """Announce that (kind, user, ref) must be uploaded, `size_bytes` counting against the sync budget.
+
+    Within the caller's transaction. A new version of a dead-lettered job is live again:
+    what it names changed, so the next upload may well succeed.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown outbox job kind {kind!r}")
     conn.execute(
         "INSERT INTO outbox (kind, user_id, ref, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (kind, user_id, ref) DO UPDATE SET version = version + 1, size_bytes = excluded.size_bytes",
+        " ON CONFLICT (kind, user_id, ref) DO UPDATE SET version = version + 1, size_bytes = excluded.size_bytes,"
+        # SQLite evaluates every SET expression on the old row, so each CASE still sees dead_at.
+        " attempts = CASE WHEN dead_at IS NULL THEN attempts ELSE 0 END,"
+        " next_attempt_at = CASE WHEN dead_at IS NULL THEN next_attempt_at ELSE 0 END, dead_at = NULL",
         (kind, user_id, ref, int(size_bytes), time.time()),
     )
 

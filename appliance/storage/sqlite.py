@@ -33,7 +33,7 @@ from ..errors import StoreError
 from . import StoredImage
 from . import records as R
 from .base import BaseStore, CaseRow, Row
-from .crypto import envelope_bytes
+from .crypto import envelope_bytes, image_binding
 from .files import check_id, make_dir, remove_durable, write_atomic
 from .outbox import create_table as create_outbox_table
 from .outbox import enqueue as enqueue_job
@@ -174,16 +174,18 @@ class SQLiteStore(BaseStore):
                     migrate(self._db)
                     self._db.table("schema_migrations").insert({"version": version, "applied_at": _now()})
 
-    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes] | None]:
+    def _key_evidence(self) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
         assert self._conn is not None
-        row = self._conn.execute("SELECT record FROM images UNION ALL SELECT record FROM cases LIMIT 1").fetchone()
-        blob = None if row is None else envelope_bytes(row[0])
-        plain = f"records in {self.db_path}" if row is not None and blob is None else None
-        return plain, None if blob is None else (f"a record in {self.db_path}", blob)
+        row = self._conn.execute(
+            "SELECT user_id, record FROM images UNION ALL SELECT user_id, record FROM cases LIMIT 1"
+        ).fetchone()
+        sample = None if row is None else envelope_bytes(row[1], row[0])
+        plain = f"records in {self.db_path}" if row is not None and sample is None else None
+        return plain, None if sample is None else (f"a record in {self.db_path}", *sample)
 
-    def _load(self, body: str) -> dict[str, Any]:
-        """A record from its `record` column (decrypted when encrypted)."""
-        return self.sealer.loads(body, f"a record in {self.db_path}")
+    def _load(self, body: str, user_id: str) -> dict[str, Any]:
+        """A record of `user_id`'s from its `record` column (decrypted when encrypted)."""
+        return self.sealer.loads(body, f"a record in {self.db_path}", user_id)
 
     def _sweep_pending(self) -> None:
         """Remove the files of saves that never committed their record (a crash mid-save)."""
@@ -236,6 +238,18 @@ class SQLiteStore(BaseStore):
             raise
         conn.execute("COMMIT")
 
+    def _user_ids(self) -> list[str]:
+        assert self._conn is not None
+        sql = "SELECT user_id FROM images UNION SELECT user_id FROM cases UNION SELECT user_id FROM case_counters"
+        return [row[0] for row in self._conn.execute(sql).fetchall()]
+
+    def _image_file(self, user_id: str, image_id: str) -> Path | None:
+        assert self._conn is not None
+        row = self._conn.execute(
+            "SELECT suffix FROM images WHERE user_id = ? AND image_id = ?", (user_id, image_id)
+        ).fetchone()
+        return None if row is None else self._image_path(user_id, image_id, row[0])
+
     def _image_path(self, user_id: str, image_id: str, suffix: str) -> Path:
         # Encrypted files are named .bin: their bytes are no longer a .jpg, .png or .webp.
         return self.images_dir / user_id / f"{image_id}{'.bin' if self.sealer.enabled else suffix}"
@@ -246,7 +260,7 @@ class SQLiteStore(BaseStore):
         """Store the file and its record durably, or neither (see the module docstring)."""
         check_id("user_id", user_id)
         rec = R.image_record(image, record)
-        body = self.sealer.dumps(rec)
+        body = self.sealer.dumps(rec, user_id)
         path = self._image_path(user_id, image.image_id, image.suffix)
         with self._using(f"saving image {image.image_id}"):
             conn = self._conn
@@ -262,7 +276,7 @@ class SQLiteStore(BaseStore):
                 )
             try:
                 make_dir(path.parent)
-                self._write_image_file(path, bytes(image.data))
+                self._write_image_file(path, bytes(image.data), image_binding(user_id, image.image_id))
                 self._commit_image_record(user_id, image, rec, body)
             except BaseException:
                 # Best effort; whatever is left is swept at the next open().
@@ -270,8 +284,8 @@ class SQLiteStore(BaseStore):
                     self._discard_pending(user_id, image.image_id, image.suffix)
                 raise
 
-    def _write_image_file(self, path: Path, data: bytes) -> None:
-        write_atomic(path, self.sealer.seal(data))
+    def _write_image_file(self, path: Path, data: bytes, ad: bytes) -> None:
+        write_atomic(path, self.sealer.seal(data, ad))
 
     def _commit_image_record(self, user_id: str, image: StoredImage, rec: dict[str, Any], body: str) -> None:
         """The commit point of a save: the record appears and the journal row goes, together."""
@@ -301,7 +315,7 @@ class SQLiteStore(BaseStore):
                 return None
             # A record without its file is damage, not absence: say so.
             path = self._image_path(user_id, image_id, row[0])
-            return self.sealer.unseal(path.read_bytes(), str(path))
+            return self.sealer.unseal(path.read_bytes(), str(path), image_binding(user_id, image_id))
 
     # -- status -------------------------------------------------------------
 
@@ -337,8 +351,14 @@ class _Records:
     def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, user_id: str | None) -> None:
         self.store, self.conn, self.user_id = store, conn, user_id
 
+    def _dumps(self, record: dict[str, Any]) -> str:
+        assert self.user_id is not None
+        return self.store.sealer.dumps(record, self.user_id)
+
     def _rows(self, sql: str, *params: Any) -> list[Row]:
-        return [Row(seq, self.store._load(body)) for seq, body in self.conn.execute(sql, params).fetchall()]
+        # Every caller selects one user's rows (WHERE user_id = ?), and the body is bound to that user.
+        assert self.user_id is not None
+        return [Row(seq, self.store._load(body, self.user_id)) for seq, body in self.conn.execute(sql, params).fetchall()]
 
     def counter(self) -> int | None:
         row = self.conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (self.user_id,)).fetchone()
@@ -379,16 +399,17 @@ class _Records:
         ]
 
     def _case_body(self, seq: int) -> dict[str, Any]:
-        return self.store._load(self.conn.execute("SELECT record FROM cases WHERE seq = ?", (seq,)).fetchone()[0])
+        user_id, body = self.conn.execute("SELECT user_id, record FROM cases WHERE seq = ?", (seq,)).fetchone()
+        return self.store._load(body, user_id)
 
     def put_image(self, row: Row) -> None:
-        self.conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self.store.sealer.dumps(row.record), row.key))
+        self.conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self._dumps(row.record), row.key))
 
     def put_case(self, row: Row) -> None:
         rec = row.record
         self.conn.execute(
             "UPDATE cases SET status_key = ?, created_at = ?, record = ? WHERE seq = ?",
-            (R.status_key(rec.get("status")), R.created_key(rec), self.store.sealer.dumps(rec), row.key),
+            (R.status_key(rec.get("status")), R.created_key(rec), self._dumps(rec), row.key),
         )
 
     def add_case(self, record: dict[str, Any]) -> None:
@@ -396,13 +417,13 @@ class _Records:
             "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (self.user_id, record["case_id"], record["entry_type"], R.status_key(record.get("status")),
-             R.created_key(record), self.store.sealer.dumps(record)),
+             R.created_key(record), self._dumps(record)),
         )
 
     def delete_case(self, row: Row) -> None:
         self.conn.execute("DELETE FROM cases WHERE seq = ?", (row.key,))
 
-    def enqueue(self, kind: str, ref: str, size_bytes: int = 0) -> None:
+    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
         # Inside the section's transaction: the job commits with the record it announces.
         if self.store.outbox_enabled:
             assert self.user_id is not None

@@ -1,4 +1,4 @@
-"""`appliance sync --once` and `appliance sync status`."""
+"""`appliance sync --once`, `appliance sync status` and `appliance sync retry`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,25 @@ import sys
 from ..buckets.config import BucketConfig
 from ..errors import ConfigError
 from ..storage.config import StorageConfig
+from ..storage import outbox_location
 from .config import SyncConfig
+from .outbox import retry_dead_letters
 from .status import offline_status
 
 
-def sync_command(storage: StorageConfig, sync: SyncConfig, bucket: BucketConfig, *, status: bool, once: bool) -> int:
+def sync_command(
+    storage: StorageConfig, sync: SyncConfig, bucket: BucketConfig, *, status: bool, once: bool, retry: bool = False
+) -> int:
     """Run the CLI's sync action; the exit status."""
-    if status == once:
-        raise ConfigError("appliance sync: say either --once or status")
+    if status + once + retry != 1:
+        raise ConfigError("appliance sync: say one of --once, status or retry")
     if status:
         print(json.dumps(offline_status(storage, sync), indent=2))
+        return 0
+    if retry:
+        path = outbox_location(storage.backend, storage.root)
+        count = retry_dead_letters(path)
+        print(f"{count} dead-lettered sync jobs in {path} are due again (with {sync.max_attempts} fresh attempts)")
         return 0
     if not sync.url:
         raise ConfigError("sync.url: expected a bucket URL to drain to")

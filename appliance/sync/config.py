@@ -24,6 +24,8 @@ class SyncConfig:
     disk_budget_bytes: int = setting(0, Check("0 (no budget) or more", at_least=0))
     when_over_budget: Literal["refuse", "accept"] = "refuse"
     shutdown_timeout_s: float = seconds(5.0)
+    # Failed attempts before a job becomes a dead letter (kept, shown, retried by `appliance sync retry`).
+    max_attempts: int = setting(300, Check("0 (retry forever) or more", at_least=0))
 
 
 def check_sync(sync: SyncConfig) -> None:

@@ -2,13 +2,19 @@
 
 Layout under the target URL's prefix::
 
-    <box_id>/images/<yyyy>/<mm>/<dd>/<image_id>.<jpg|png|webp>   the image (metadata stripped)
-    <box_id>/images/<yyyy>/<mm>/<dd>/<image_id>.json             its record, beside it
-    <box_id>/cases/<user_id>/<case_id>.json                       the case/uncertain/reject record
+    <box_id>/images/<user_id>/<yyyy>/<mm>/<dd>/<image_id>.<jpg|png|webp>   the image (metadata stripped)
+    <box_id>/images/<user_id>/<yyyy>/<mm>/<dd>/<image_id>.json             its record, beside it
+    <box_id>/cases/<user_id>/<case_id>.json                                 the case/uncertain/reject record
+
+Image keys carry the user id because image ids are only unique per user
+(imported legacy ids are free-form): without it two users' images could
+overwrite each other. Boxes before issue 13 wrote `images/<yyyy>/...` without
+it; those objects stay where they are, and jobs queued then upload to the new
+layout.
 
 The date is the record's own `created_at` (UTC), never the upload time, so
 every retry and every later re-upload of a changed record finds the same key;
-a record without a readable `created_at` goes under `images/undated/`. The
+a record without a readable `created_at` goes under `images/<user_id>/undated/`. The
 store keeps one case record per (user, case id), so its key has no entry type:
 a case first logged as uncertain and later confirmed is one object, updated.
 """
@@ -50,14 +56,14 @@ def _day(record: dict[str, Any]) -> str:
     return created.strftime("%Y/%m/%d")
 
 
-def image_key(box_id: str, record: dict[str, Any], image_format: str) -> str:
+def image_key(box_id: str, user_id: str, record: dict[str, Any], image_format: str) -> str:
     """The image's key; `image_format` is "jpeg", "png" or "webp"."""
-    return f"{box_id}/images/{_day(record)}/{record['image_id']}{IMAGE_FORMATS[image_format].suffix}"
+    return f"{box_id}/images/{user_id}/{_day(record)}/{record['image_id']}{IMAGE_FORMATS[image_format].suffix}"
 
 
-def image_record_key(box_id: str, record: dict[str, Any]) -> str:
+def image_record_key(box_id: str, user_id: str, record: dict[str, Any]) -> str:
     """The image record's key, beside its image."""
-    return f"{box_id}/images/{_day(record)}/{record['image_id']}.json"
+    return f"{box_id}/images/{user_id}/{_day(record)}/{record['image_id']}.json"
 
 
 def case_key(box_id: str, user_id: str, case_id: str) -> str:

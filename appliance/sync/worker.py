@@ -4,7 +4,9 @@ Each job is read back through the Store at upload time (the current bytes and
 record), its image stripped of metadata (`privacy.strip_metadata`), and put
 under its deterministic key; only then is the job removed. A failed job is
 never dropped: it waits `backoff_delay(attempts)` (exponential, jittered,
-at most `sync.retry_max_s` <= 5 minutes) and is tried again, across restarts.
+at most `sync.retry_max_s` <= 5 minutes) and is tried again, across restarts,
+until its `sync.max_attempts`-th failure parks it as a dead letter (kept,
+counted in the status and metrics, retried by `appliance sync retry`).
 A job whose record does not exist is `gone` (a disk-store save that never
 landed) and is removed without an upload.
 
@@ -180,10 +182,16 @@ class SyncWorker:
         except Exception as exc:
             error = f"{job.kind} {job.user_id}/{job.ref}: {_one_line(exc)}"
             now = self.clock()
-            delay = backoff_delay(job.attempts + 1, self.config.retry_base_s, self.config.retry_max_s, self.rand)
-            await self._call(self.outbox.failed, job, error, now, now + delay)
+            attempt = job.attempts + 1
+            delay = backoff_delay(attempt, self.config.retry_base_s, self.config.retry_max_s, self.rand)
+            dead = 0 < self.config.max_attempts <= attempt
+            await self._call(lambda: self.outbox.failed(job, error, now, now + delay, dead=dead))
             self._note_error(error)
-            log.warning("sync: %s (attempt %d; next try in %.1fs)", error, job.attempts + 1, delay)
+            if dead:
+                log.error("sync: %s (attempt %d = sync.max_attempts); kept as a dead letter until "
+                          "`appliance sync retry`", error, attempt)
+            else:
+                log.warning("sync: %s (attempt %d; next try in %.1fs)", error, attempt, delay)
             return error
         await self._call(self.outbox.done, job)
         self.uploaded_jobs += 1
@@ -212,10 +220,10 @@ class SyncWorker:
         if job.kind == "image":
             data, image_format = await self._call(self._stripped_image, job.user_id, job.ref)
             # The image first: a record in the bucket always has its image beside it.
-            await self.target.put(keys.image_key(self.box_id, record, image_format), data,
+            await self.target.put(keys.image_key(self.box_id, job.user_id, record, image_format), data,
                                   IMAGE_FORMATS[image_format].content_type)
             count += 1
-        await self.target.put(keys.image_record_key(self.box_id, record), _json(record), keys.JSON_TYPE)
+        await self.target.put(keys.image_record_key(self.box_id, job.user_id, record), _json(record), keys.JSON_TYPE)
         return count + 1
 
     def _stripped_image(self, user_id: str, image_id: str) -> tuple[bytes, str]:
@@ -264,7 +272,8 @@ class SyncWorker:
             last_error, last_error_at = self.last_error, iso_time(self.last_error_at)
         return {
             "enabled": True,
-            "state": "failing" if self.failing else ("syncing" if self.backlog.jobs else "idle"),
+            "state": "failing" if self.failing else (
+                "syncing" if self.backlog.jobs > self.backlog.dead_letters else "idle"),
             "target": self.target.describe(),
             "box_id": self.box_id,
             **backlog,

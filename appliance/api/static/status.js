@@ -67,10 +67,13 @@ function render(status) {
   if (sync === null || sync === undefined) {
     set("sync-state", "not configured");
     set("sync-backlog", null);
+    set("sync-dead", null);
     set("sync-error", null);
   } else {
     set("sync-state", sync.state);
     set("sync-backlog", sync.backlog);
+    // Jobs given up after sync.max_attempts: kept until `appliance sync retry`.
+    set("sync-dead", sync.dead_letters ? `${sync.dead_letters} (run: appliance sync retry)` : sync.dead_letters);
     set("sync-error", sync.last_error || "none");
   }
   set("summary", (model.name ? model.name + " v" + model.version : "No model") + " on " + (runtime.runtime || "?") +
