@@ -170,7 +170,7 @@ def check_config(config: Config) -> int:
     from .security.tls import fingerprint_sha256
     from .storage.crypto import load_sealer
 
-    load_api_keys(config.auth)
+    keys = load_api_keys(config.auth)
     tls_context(config.server)  # an unreadable key, or one not matching the certificate, fails here
     load_sealer(config.storage.encrypt, config.storage.key_file)  # a missing or malformed key fails here
     if config.model.url:
@@ -182,14 +182,15 @@ def check_config(config: Config) -> int:
         origin = str(directory)
     model = "model not checked"
     if directory is not None:
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, config.model.trusted_keys)  # an unsigned model fails here too
         choice = choose(manifest, wanted_path(config), runtime_class(config.runtime.backend).formats)
         model = f"model {manifest.name} v{manifest.version} ({choice.path.key}{', DEMO' if manifest.demo else ''})"
     tls = config.server.tls_cert_file
     scheme = f"https (certificate SHA-256 {fingerprint_sha256(tls)})" if tls else "http"
     print(f"config OK: {model} from {origin}; runtime {config.runtime.backend}; "
           f"store {config.storage.backend} at {config.storage.root}; "
-          f"listening on {config.server.host}:{config.server.port} over {scheme}")
+          f"listening on {config.server.host}:{config.server.port} over {scheme}; "
+          f"{'API keys ' + keys.describe() if keys else 'API open (no keys)'}")
     return 0
 
 
@@ -211,7 +212,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         raise ConfigError(f"refusing to serve {host}:{port} without an API key: set [auth] keys_file, API_KEY or "
                           "the api-keys credential, or pass --insecure (server.allow_insecure = true)")
     if keys:
-        logging.getLogger("appliance").info("API keys required: %s (from %s)", ", ".join(keys.names),
+        logging.getLogger("appliance").info("API keys required: %s (from %s)", keys.describe(),
                                             ", ".join(keys.sources))
     else:
         logging.getLogger("appliance").warning("no API key configured: the API is open to anyone who can reach %s:%d",

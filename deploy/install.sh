@@ -133,7 +133,7 @@ install_config() {
     fi
     install -d -m 0700 "$CREDSTORE"
     if [ ! -e "$CREDSTORE/appliance.api-keys" ]; then
-        # One key for the clinic's phones; add lines (name:key) for other clients.
+        # One key for the clinic's phones; add lines (name:key, or name:key:admin / name:key:metrics) for other clients.
         (umask 077; echo "phones:$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')" \
             > "$CREDSTORE/appliance.api-keys")
         say "made an API key for the phones: $CREDSTORE/appliance.api-keys (send it as X-API-Key)"

@@ -75,3 +75,20 @@ def test_a_negative_limit_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"auth": {"max_failures_per_minute": -1}})
     assert str(caught.value) == "auth.max_failures_per_minute: expected 0 (off) or more; got -1"
+
+
+async def test_wrong_keys_and_refusals_are_counted_in_metrics(aiohttp_client: Any, make_config: Any) -> None:
+    client: TestClient = await aiohttp_client(create_app(make_config(), api_keys=KEYS))
+    for attempt in range(3):
+        assert (await client.post("/cases/next-id", headers={**USER, "X-API-Key": f"guess-{attempt}"})).status == 401
+    text = await (await client.get("/metrics", headers={"X-API-Key": "k-phones"})).text()
+    assert "appliance_auth_wrong_keys_total 3.0" in text.splitlines()
+    assert "appliance_auth_refused_total 0.0" in text.splitlines()
+
+
+def test_the_limiter_counts_what_it_refuses() -> None:
+    limiter = FailedAuthLimiter(2, clock=lambda: 0.0)
+    limiter.failed("a"), limiter.failed("a")
+    with pytest.raises(TooManyRequests):
+        limiter.check("a")
+    assert (limiter.wrong_keys, limiter.refused) == (2, 1)

@@ -132,6 +132,22 @@ def test_check_config_command(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert run.stderr == "appliance: error: runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'\n"
 
 
+def test_check_config_names_the_keys_and_their_roles(tmp_path: Path, tiny_model_dir: Path) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_text("phones:k1\nlead:k2:admin\nprometheus:k3:metrics\n")
+    config = tmp_path / "keys.toml"
+    config.write_text(f'[model]\npath = "{tiny_model_dir}"\n[auth]\nkeys_file = "{keys}"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(config)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip().endswith("over http; API keys phones, lead (admin), prometheus (metrics)")
+    open_api = tmp_path / "open.toml"
+    open_api.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
+    run = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(open_api)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.stdout.rstrip().endswith("over http; API open (no keys)")
+
+
 def test_check_config_with_a_model_url_does_not_need_the_network(tmp_path: Path) -> None:
     config = tmp_path / "bucket.toml"
     config.write_text(f'[model]\nurl = "s3://models/ham10000"\ncache_dir = "{tmp_path / "cache"}"\n')

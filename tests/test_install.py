@@ -152,7 +152,8 @@ def test_install_upgrade_remove_purge(tmp_path: Path, tiny_model_dir: Path, whee
             "APPLIANCE_SERVER__TLS_KEY_FILE": str(credentials / "tls.key")})
     assert check.returncode == 0, check.stdout + check.stderr
     assert "config OK: model tiny v1" in check.stdout
-    assert check.stdout.rstrip().endswith(f"listening on 0.0.0.0:8000 over https (certificate SHA-256 {fingerprint})")
+    assert check.stdout.rstrip().endswith(
+        f"listening on 0.0.0.0:8000 over https (certificate SHA-256 {fingerprint}); API keys phones")
 
     # Upgrade: new code, same config, data, outbox, credentials and model.
     config_file.write_text(config_file.read_text() + "\n# edited by the clinic\n")

@@ -229,3 +229,19 @@ def test_signature_file_is_base64_of_an_ed25519_signature(signed: tuple[Path, Pa
     version, _ = signed
     text = (version / "model.json.sig").read_text()
     assert text.endswith("\n") and len(base64.b64decode(text.strip(), validate=True)) == 64
+
+
+def test_check_config_refuses_an_unsigned_model_as_serve_would(signed: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    version, public = signed
+    config = tmp_path / "signed.toml"
+    config.write_text(f'[model]\npath = "{version}"\ntrusted_keys = ["{public}"]\n[runtime]\nbackend = "onnxruntime"\n')
+    command = [sys.executable, "-m", "appliance", "check-config", "--config", str(config)]
+    ok = subprocess.run(command, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert ok.returncode == 0, ok.stderr
+    (version / "model.json.sig").unlink()
+    refused = subprocess.run(command, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"appliance: error: {version / 'model.json.sig'}: missing; model.trusted_keys is set")

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..contract import sanitize_user_id
-from ..keys import API_KEYS, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
+from ..keys import API_KEYS, AUTH_FAILURES, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
 from ..security.tls import fingerprint_sha256
 from .ops import running_facts
 from .policy import Policy, policy_of, route_policy
@@ -115,6 +115,9 @@ async def gather_facts(app: web.Application) -> dict[str, Any]:
                              "ready": running["appliance"]["ready"], "bodies_in_progress": app[BODY_SLOTS].in_use}
     if TRIMMER in app:
         facts["memory_trims"] = app[TRIMMER].trims
+    if AUTH_FAILURES in app:
+        failures = app[AUTH_FAILURES]
+        facts["auth_failures"] = {"wrong_keys": failures.wrong_keys, "refused": failures.refused}
     if STORE in app:
         facts["storage"] = await asyncio.get_running_loop().run_in_executor(app[EXECUTORS].store, _store_figures, app)
     return facts

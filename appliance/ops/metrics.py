@@ -128,6 +128,11 @@ class _FactsCollector(Collector):
         if "memory_trims" in facts:
             yield _counter("appliance_memory_trims", "Times freed memory was given back to the OS after uploads.",
                            facts["memory_trims"])
+        if "auth_failures" in facts:
+            yield _counter("appliance_auth_wrong_keys", "Requests that presented a wrong API key.",
+                           facts["auth_failures"]["wrong_keys"])
+            yield _counter("appliance_auth_refused", "Requests answered 429 for their address's wrong keys "
+                           "(auth.max_failures_per_minute).", facts["auth_failures"]["refused"])
         yield from _numbers("appliance_store", "Store figure", facts.get("storage") or {})
         sync = facts.get("sync")
         if sync is not None:

@@ -67,6 +67,11 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self.digests)
 
+    def describe(self) -> str:
+        """The key names with their roles, for the start-up log and check-config: "a (admin), b"."""
+        return ", ".join(name if self.role_of(name) is Role.PLAIN else f"{name} ({self.role_of(name).value})"
+                         for name in self.names)
+
     def match(self, presented: str) -> str | None:
         """The name of the key presented, or None; compares against every key, in constant time."""
         given = _digest(presented)

@@ -59,6 +59,8 @@ class FailedAuthLimiter:
         self.rate_per_s = per_minute / 60.0
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float, bool]] = OrderedDict()  # client -> (tokens, at, logged)
+        self.wrong_keys = 0  # for /metrics: every wrong key counted, and every request refused for them
+        self.refused = 0
 
     def _now(self, client: str) -> tuple[float, float, bool]:
         now = self._clock()
@@ -76,11 +78,13 @@ class FailedAuthLimiter:
         tokens, now, logged = self._now(client)
         self._remember(client, tokens, now, logged)
         if tokens < 1.0:
+            self.refused += 1
             retry_after_s = max(1, math.ceil((1.0 - tokens) / self.rate_per_s))
             raise TooManyRequests("Too many failed authentications; retry later", retry_after_s=retry_after_s)
 
     def failed(self, client: str) -> bool:
         """Count one wrong key from `client`; True once per burst, when it has just spent its last."""
+        self.wrong_keys += 1
         tokens, now, logged = self._now(client)
         tokens = max(0.0, tokens - 1.0)
         starts_burst = tokens < 1.0 and not logged
