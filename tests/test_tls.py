@@ -215,7 +215,8 @@ def test_status_and_check_config_show_the_served_certificates_fingerprint(tls_se
                             str(cert_file.parent / "config.toml")], capture_output=True, text=True, cwd=ROOT,
                            env={"PATH": os.environ.get("PATH", "")}, timeout=120)
     assert check.returncode == 0, check.stderr
-    assert check.stdout.rstrip().endswith(f"listening on 127.0.0.1:{port} over https (certificate SHA-256 {expected})")
+    assert check.stdout.rstrip().endswith(
+        f"listening on 127.0.0.1:{port} over https (certificate SHA-256 {expected}); API open (no keys)")
 
 
 def test_check_config_refuses_a_key_that_does_not_match(tmp_path: Path, tiny_model_dir: Path) -> None:
