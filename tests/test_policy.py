@@ -22,7 +22,7 @@ EXPECTED = {
     "/": Policy.PUBLIC | Policy.QUIET,
     "/static/status.css": Policy.PUBLIC | Policy.QUIET,
     "/static/status.js": Policy.PUBLIC | Policy.QUIET,
-    "/metrics": Policy.QUIET,
+    "/metrics": Policy.QUIET | Policy.METRICS,
     "/v1/status": Policy.QUIET,
 }
 

@@ -25,7 +25,6 @@ from aiohttp import hdrs, web
 from ..errors import Forbidden, Unauthorized
 from ..keys import API_KEYS, AUTH_FAILURES, BODY_SLOTS, KEY_NAME, RATE_LIMITER
 from ..security.auth import Role, presented_key
-from . import monitoring
 from .policy import Policy, policy_of
 
 if TYPE_CHECKING:  # annotations only; aiohttp's own aliases match what it calls
@@ -60,8 +59,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                             "answering it 429 until they age out", int(failures.capacity), address)
             raise Unauthorized("Invalid API key")
         request[KEY_NAME] = name
-        # By handler, not path: a metrics key reads the one route without patient data it exists for.
-        if keys.role_of(name) is Role.METRICS and request.match_info.handler is not monitoring.metrics:
+        # By the route's declared policy, not its path: a metrics key reads only what holds no patient data.
+        if keys.role_of(name) is Role.METRICS and Policy.METRICS not in policy_of(request):
             raise Forbidden("This key may only read /metrics")
     return await handler(request)
 

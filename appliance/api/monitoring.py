@@ -138,7 +138,7 @@ def _store_figures(app: web.Application) -> dict[str, Any]:
 
 
 @routes.get("/metrics")
-@route_policy(Policy.QUIET)
+@route_policy(Policy.QUIET | Policy.METRICS)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition of this app's registry."""
     app = request.app

@@ -24,6 +24,7 @@ class Policy(enum.Flag):
     PUBLIC = enum.auto()  # no API key: probes, the API description, the status page's files
     UNLIMITED = enum.auto()  # never rate limited: probes must always see the truth
     QUIET = enum.auto()  # logged at DEBUG and left out of "recent requests": a 5-second poll must not drown the clinic
+    METRICS = enum.auto()  # a metrics-only key may read it: no patient data (/metrics)
 
     PROBE = PUBLIC | UNLIMITED | QUIET
 
