@@ -103,6 +103,15 @@ class StoreError(ApplianceError):
     status = 500
 
 
+class StoreUnavailable(StoreError):
+    """The database or the image bucket does not answer; nothing was acknowledged (503, retry later)."""
+
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
 class InsufficientStorage(ApplianceError):
     """The unsynced sync backlog is over `sync.disk_budget_bytes` and the policy is to refuse (507)."""
 

@@ -22,7 +22,8 @@ RANKS = {
     "services": 60, "legacy": 60,  # use cases
     "config": 50,  # composes the sections the parts below own
     "cases": 40, "sync": 40, "modelfetch": 40, "ops": 40,
-    "inference": 30, "storage": 30, "buckets": 30, "security": 30,
+    "inference": 30, "storage": 30, "security": 30,
+    "buckets": 25,  # below storage: images may live in a bucket
     "imaging": 20, "privacy": 20,
     "contract": 10, "settings": 10, "importer": 10, "modeldir": 10,
     "errors": 0, "__init__": 0,
