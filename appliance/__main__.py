@@ -140,7 +140,7 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     if args.reencrypt and not config.storage.encrypt:
         raise ConfigError("appliance import-legacy --reencrypt: storage.encrypt (ENCRYPT_STORAGE) is off")
     sealer = source_sealer(args.key_file, config.storage.key_file)
-    store = open_configured_store(config.storage, outbox=config.sync.enabled)
+    store = open_configured_store(config.storage, outbox=config.sync.enabled, bucket=config.bucket)
     problems: list[str] = []
     try:
         if args.storage_root is not None:
