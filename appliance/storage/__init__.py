@@ -84,6 +84,9 @@ class Store(Protocol):
     def reading(self, user_id: str | None, action: str) -> AbstractContextManager[Records]:
         """A read-only section over one user's records, or (None) every user's case records."""
 
+    def users(self) -> list[str]:
+        """Every user that has records or a counter, sorted."""
+
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
         """Store the image and its record (and its outbox job) together, durably, or none of them."""
 
