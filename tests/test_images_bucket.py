@@ -159,6 +159,18 @@ def test_a_bucket_that_does_not_answer_is_503_and_logged_once_per_outage(
         server.stop()
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_missing_bucket_is_a_500_naming_the_url_key(servers: dict[str, Server], tmp_path: Path,
+                                                       provider: str) -> None:
+    bucket = Bucket(servers[provider], "nosuchbucket", tmp_path)  # never created
+    place = place_on(bucket)
+    with pytest.raises(StoreError) as caught:
+        place.put("user001/img1.jpg", JPEG)
+    assert (caught.value.status, caught.value.detail) == (
+        500, f"storing image user001/img1.jpg in {bucket.url('clinic/images')}: no such bucket or container "
+             "(storage.images_url)")
+
+
 def test_wrong_credentials_are_a_500_naming_the_credentials_file(
         servers: dict[str, Server], make_bucket: Callable[[Server], Bucket], tmp_path: Path) -> None:
     good = make_bucket(servers["azure"])

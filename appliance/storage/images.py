@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ..buckets.target import IntegrityError, Target, sha256_hex
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from .files import make_dir, write_atomic
 
 if TYPE_CHECKING:
     from ..buckets.config import BucketConfig
-    from ..buckets.target import Target
     from .config import StorageConfig
 
 log = logging.getLogger("appliance.storage")
@@ -93,7 +93,7 @@ class BucketImages:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.where = target.url
+        self.where = target.url.split("?", 1)[0]  # what messages name: never a query's signature
         self._down = False  # inside an outage: logged when it began, logged again when it ends
         self._down_lock = threading.Lock()
 
@@ -108,8 +108,6 @@ class BucketImages:
         if found is None:
             return None
         data, attributes = found
-        from ..buckets.target import sha256_hex
-
         # Objects this appliance wrote carry their sha256; one whose bytes changed since is damage.
         stored = attributes.get("sha256")
         if stored is not None and stored != sha256_hex(data):
@@ -124,14 +122,16 @@ class BucketImages:
     @contextlib.contextmanager
     def _answering(self, action: str) -> Iterator[None]:
         """Turn the bucket's failures into StoreError / StoreUnavailable with one line each."""
-        from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
-
-        from ..buckets.target import IntegrityError
+        # obstore only now: a box keeping its images on disk never loads it.
+        from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 
         try:
             yield
         except IntegrityError as e:
             raise StoreError(f"{action} in {self.where}: {e.detail}") from None
+        except (NotFoundError, FileNotFoundError):
+            # A missing object is None (get) or fine (delete) in the target; what is left is the bucket itself.
+            raise StoreError(f"{action} in {self.where}: no such bucket or container (storage.images_url)") from None
         except (PermissionDeniedError, UnauthenticatedError, PermissionError) as e:
             raise StoreError(f"{action} in {self.where}: the bucket refuses the appliance's credentials "
                              f"(bucket.credentials_file): {_first_line(e)}") from None
