@@ -253,3 +253,17 @@ def test_import_legacy_writes_into_the_configured_store(tmp_path: Path, backend:
     assert ": users 2; 8 copied, 0 already there; images 3 copied" in capsys.readouterr().out
     with opened(backend, tmp_path / "new") as store, opened(other, tmp_path / "moved") as moved:
         assert snapshot(moved) == snapshot(store)
+
+
+def test_images_to_bucket_needs_storage_images_url(tmp_path: Path, source: str, config_file: Path,
+                                                   filled: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # A back end taking `images` as postgres does (tests/test_images_bucket.py), until postgres is registered.
+    monkeypatch.setitem(BACKENDS, "placed", "tests.test_images_bucket:PlacedStore")
+    args = ["migrate-store", "--config", str(config_file), "--to", "placed", "--to-root", str(tmp_path / "to"),
+            "--images-to-bucket"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        "appliance: error: --images-to-bucket: storage.images_url: expected a bucket URL (s3://, gs://, az:// or "
+        'https://) when storage.images = "bucket"\n')
+    assert not (tmp_path / "to").exists()
