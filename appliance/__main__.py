@@ -1,8 +1,9 @@
-"""The `appliance` command: serve, check-config, sync, import-legacy, convert."""
+"""The `appliance` command: serve, check-config, sync, import-legacy, migrate-store, convert."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, load_config
 from .errors import ApplianceError, ConfigError
+from .storage import BACKENDS
 
 DEFAULT_CONFIG_HELP = "the TOML config (default: $APPLIANCE_CONFIG, else ./config.toml if present, else built-in defaults)"
 
@@ -80,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file holding the old store's key (URL-safe base64), when it was encrypted; "
                         "default: DATA_ENCRYPTION_KEY, DATA_ENCRYPTION_KEY_FILE, then the configured key")
 
+    migrate = commands.add_parser(
+        "migrate-store",
+        help="copy the configured store into another back end (idempotent, resumable)",
+        description="Copy every user's images (bytes and records), case records and case-id counters from the "
+        "configured store into the back end --to names, configured by the same [storage] section with its back "
+        "end (and --to-root) replaced; a postgres target takes its database from DATABASE_URL or "
+        "storage.database_url. Idempotent and resumable: images the target already holds are skipped, case "
+        "records it holds unchanged are skipped and others upserted (keeping created_at), counters are only "
+        "raised. Prints the counts (copied, already there, per kind) and exits 0; 1 when anything could not be "
+        "copied (printed) or on an error. Stop the server first: the store is locked while it runs.",
+    )
+    migrate.add_argument("--to", required=True, metavar="BACKEND", choices=sorted(BACKENDS),
+                         help=f"the target back end: {', '.join(sorted(BACKENDS))}")
+    migrate.add_argument("--to-root", metavar="DIR", type=Path,
+                         help="the target's storage root (default: storage.root; needed between sqlite and disk, "
+                         "which each lock their root)")
+    migrate.add_argument("--images-to-bucket", action="store_true",
+                         help="put the images at storage.images_url (a back end keeping records apart from images, "
+                         "such as postgres); default: files under the target's root")
+    migrate.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
+
     sync = commands.add_parser(
         "sync",
         help="drain the sync outbox once (--once), show its status (status), or retry its dead letters (retry)",
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return check_config(config)
         if args.command == "import-legacy":
             return import_legacy(config, args)
+        if args.command == "migrate-store":
+            return migrate_store(config, args)
         if args.command == "sync":
             from .sync.commands import sync_command
 
@@ -140,7 +165,7 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     if args.reencrypt and not config.storage.encrypt:
         raise ConfigError("appliance import-legacy --reencrypt: storage.encrypt (ENCRYPT_STORAGE) is off")
     sealer = source_sealer(args.key_file, config.storage.key_file)
-    store = open_configured_store(config.storage, outbox=config.sync.enabled)
+    store = open_configured_store(config.storage, outbox=config.sync.enabled, bucket=config.bucket)
     problems: list[str] = []
     try:
         if args.storage_root is not None:
@@ -158,6 +183,48 @@ def import_legacy(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 1 if problems else 0
+
+
+def migrate_store(config: Config, args: argparse.Namespace) -> int:
+    """`appliance migrate-store`: copy the configured store into --to; 0 when everything was copied."""
+    from .storage import open_configured_store, takes_images
+    from .storage.images import check_images
+    from .storage.migrate import migrate
+
+    source = config.storage
+    target = dataclasses.replace(source, backend=args.to, root=args.to_root or source.root,
+                                 images="bucket" if args.images_to_bucket else "local")
+    if (target.backend, Path(target.root).resolve()) == (source.backend, Path(source.root).resolve()):
+        raise ConfigError(f"--to, --to-root: that is the configured store itself ({source.backend} at "
+                          f"{source.root}); name another back end or root")
+    if args.images_to_bucket:
+        if not takes_images(args.to):
+            raise ConfigError(f"--images-to-bucket: the {args.to} back end keeps its images beside its records; "
+                              "only one keeping them apart (postgres) puts them at storage.images_url")
+        try:
+            check_images(target)
+        except ConfigError as e:
+            raise ConfigError(f"--images-to-bucket: {e.detail}") from None
+    from_store = open_configured_store(source, outbox=False, bucket=config.bucket)
+    try:
+        try:
+            # With sync on, what is copied is announced again: uploads overwrite by key, and nothing the
+            # source had not yet forwarded is lost.
+            to_store = open_configured_store(target, outbox=config.sync.enabled, bucket=config.bucket)
+        except ApplianceError as e:
+            raise ConfigError(f"--to {args.to}, --to-root {target.root}: {e.detail}") from None
+        try:
+            report = migrate(from_store, to_store)
+        finally:
+            to_store.close()
+    finally:
+        from_store.close()
+    for problem in report.problems:
+        print(f"appliance: cannot copy {problem}", file=sys.stderr)
+    images = f" (images at {target.images_url})" if args.images_to_bucket else ""
+    print(f"copied {source.backend} store {source.root} into {target.backend} store {target.root}{images}: "
+          f"{report.summary()}")
+    return 1 if report.problems else 0
 
 
 def check_config(config: Config) -> int:

@@ -139,7 +139,8 @@ async def _executors(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(app[EXECUTORS].store, lambda: open_configured_store(app[CONFIG].storage, outbox=app[CONFIG].sync.enabled))
+    store = await loop.run_in_executor(app[EXECUTORS].store, lambda: open_configured_store(
+        app[CONFIG].storage, outbox=app[CONFIG].sync.enabled, bucket=app[CONFIG].bucket))
     app[STORE] = store
     yield
     await loop.run_in_executor(app[EXECUTORS].store, store.close)

@@ -9,8 +9,10 @@ identity), or from `bucket.credentials_file`; never from config.toml.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +106,32 @@ class Target:
         import obstore
 
         return bytes(obstore.get(self.store, key).bytes())
+
+    def read_sync(self, key: str) -> tuple[bytes, Mapping[str, str]] | None:
+        """The object's bytes and attributes (its sha256 metadata among them), or None when there is none; blocking."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            result = obstore.get(self.store, key)
+            return bytes(result.bytes()), {k: str(v) for k, v in result.attributes.items()}
+        except (NotFoundError, FileNotFoundError):  # obstore raises the built-in one for a 404
+            return None
+
+    def put_sync(self, key: str, data: bytes, content_type: str) -> None:
+        """`put`, blocking, for a caller in a worker thread (never on an event loop)."""
+        # A private loop runs the same upload and check as `put`, each provider's `_verify` included.
+        asyncio.run(self.put(key, data, content_type))
+
+    def delete_sync(self, key: str) -> None:
+        """Remove the object at `key`; none there is fine (S3, GCS and Azure all answer so); blocking."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            obstore.delete(self.store, key)
+        except (NotFoundError, FileNotFoundError):
+            pass
 
     def list_sync(self, prefix: str = "") -> list[str]:
         """Every key under `prefix` (relative to the target's prefix), blocking."""

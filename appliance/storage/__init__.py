@@ -21,6 +21,7 @@ primitives (case ids, upserts, listings) are appliance/cases.py.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..importer import import_from_string
 
 if TYPE_CHECKING:
+    from ..buckets.config import BucketConfig
     from .base import Records
     from .config import StorageConfig
 
@@ -82,6 +84,9 @@ class Store(Protocol):
     def reading(self, user_id: str | None, action: str) -> AbstractContextManager[Records]:
         """A read-only section over one user's records, or (None) every user's case records."""
 
+    def users(self) -> list[str]:
+        """Every user that has records or a counter, sorted."""
+
     def save_image(self, user_id: str, image: StoredImage, record: dict[str, Any]) -> None:
         """Store the image and its record (and its outbox job) together, durably, or none of them."""
 
@@ -121,12 +126,23 @@ def outbox_location(backend: str, root: Path) -> Path:
     return Path(import_from_string(BACKENDS[backend]).outbox_at(root))
 
 
-def open_configured_store(storage: StorageConfig, *, outbox: bool) -> Store:
+def takes_images(backend: str) -> bool:
+    """Whether the named back end keeps image bytes through an `images.ImagePlace` (its constructor takes `images`)."""
+    return "images" in inspect.signature(import_from_string(BACKENDS[backend])).parameters
+
+
+def open_configured_store(storage: StorageConfig, *, outbox: bool, bucket: BucketConfig | None = None) -> Store:
     """Open the store `storage` names, with its encryption key, and with its sync outbox when `outbox`.
 
     The service writes the outbox while sync is on; `appliance sync --once` drains even when it is off.
+    `bucket` reaches `storage.images_url` when `storage.images = "bucket"`.
     """
+    from ..buckets.config import BucketConfig
     from .crypto import load_sealer
+    from .images import open_images
+
+    place = {"images": open_images(storage, bucket or BucketConfig(), storage.root)} if (
+        storage.images == "bucket" and takes_images(storage.backend)) else {}
 
     return open_store(
         storage.backend,
@@ -134,4 +150,5 @@ def open_configured_store(storage: StorageConfig, *, outbox: bool) -> Store:
         case_id_start=storage.case_id_start,
         sealer=load_sealer(storage.encrypt, storage.key_file),
         outbox=outbox,
+        **place,
     )

@@ -202,6 +202,11 @@ class BaseStore:
         with self._using(action), self._section(user_id, False) as records:
             yield records
 
+    def users(self) -> list[str]:
+        """Every user that has records or a counter, sorted (to copy a store user by user)."""
+        with self._using("listing users"):
+            return sorted(self._user_ids())
+
     # -- re-encryption ----------------------------------------------------------------
 
     def reseal(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..settings import one_of
 from . import BACKENDS
@@ -19,3 +20,7 @@ class StorageConfig:
     # Encryption at rest (appliance/storage/crypto.py); the key itself never sits in config.
     encrypt: bool = False
     key_file: Path | None = None
+    # Where image bytes go: "local" files under root, or "bucket" objects at images_url
+    # (storage/images.py; only for a back end keeping records apart, such as postgres).
+    images: Literal["local", "bucket"] = "local"
+    images_url: str = ""

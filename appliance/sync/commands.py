@@ -39,7 +39,7 @@ async def _drain(storage: StorageConfig, sync: SyncConfig, bucket: BucketConfig)
     from .worker import create_worker
 
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(None, lambda: open_configured_store(storage, outbox=True))
+    store = await loop.run_in_executor(None, lambda: open_configured_store(storage, outbox=True, bucket=bucket))
     try:
         worker = await loop.run_in_executor(None, create_worker, sync, bucket, store)
         try:

@@ -1,0 +1,275 @@
+"""Images in a bucket (storage/images.py): BucketImages against real moto (S3) and azurite (Azure) servers.
+
+The servers run on 127.0.0.1 (tests/buckets.py); what lands in a bucket is read
+back with plain HTTP, not through the appliance's code. The config rules of
+`storage.images` and the wiring of `open_configured_store` are tested here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import obstore
+import pytest
+
+from appliance.buckets import open_target
+from appliance.buckets.config import BucketConfig
+from appliance.config import Config, parse_config
+from appliance.errors import ConfigError, StoreError, StoreUnavailable
+from appliance.storage import BACKENDS, open_configured_store
+from appliance.storage.images import BucketImages, LocalImages, image_key, open_images
+from appliance.storage.sqlite import SQLiteStore
+
+from .buckets import Bucket, Server
+from .stores import image_bytes
+
+PROVIDERS = ("s3", "azure")  # S3 checks the upload's sha256 itself; Azure's ETag is opaque, so it is read back
+_names = itertools.count()
+JPEG = image_bytes("JPEG", seed=1)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    try:
+        for provider in PROVIDERS:
+            server = Server(provider, tmp_path_factory.mktemp(f"images-{provider}"))
+            server.start()
+            started[provider] = server
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture
+def make_bucket(tmp_path: Path) -> Callable[[Server], Bucket]:
+    def make(server: Server) -> Bucket:
+        bucket = Bucket(server, f"img{os.getpid()}x{next(_names)}", tmp_path)
+        bucket.create()
+        return bucket
+
+    return make
+
+
+def bucket_config(bucket: Bucket) -> BucketConfig:
+    return parse_config({"bucket": {k.split("__")[1]: v for k, v in bucket.config().items()}}).bucket
+
+
+def place_on(bucket: Bucket, prefix: str = "clinic/images") -> BucketImages:
+    return BucketImages(open_target(bucket.url(prefix), bucket_config(bucket)))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_put_get_delete_round_trip(servers: dict[str, Server], make_bucket: Callable[[Server], Bucket],
+                                   provider: str) -> None:
+    bucket = make_bucket(servers[provider])
+    place = place_on(bucket)
+    key = image_key("user001", "img1", ".jpg", sealed=False)
+    place.put(key, JPEG)
+    assert place.get(key) == JPEG
+    place.put(key, JPEG + b"x")  # overwriting is allowed
+    assert place.get(key) == JPEG + b"x"
+    place.delete(key)
+    assert place.get(key) is None
+    assert bucket.keys() == []
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_missing_object_is_none_and_deleting_it_is_fine(servers: dict[str, Server],
+                                                         make_bucket: Callable[[Server], Bucket],
+                                                         provider: str) -> None:
+    place = place_on(make_bucket(servers[provider]))
+    assert place.get("user001/never.jpg") is None
+    place.delete("user001/never.jpg")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_keys_go_under_the_url_prefix_with_their_sha256(servers: dict[str, Server],
+                                                         make_bucket: Callable[[Server], Bucket],
+                                                         provider: str) -> None:
+    bucket = make_bucket(servers[provider])
+    place = place_on(bucket, "clinic/images")
+    sealed = b"\x01sealed bytes"
+    place.put(image_key("user001", "img1", ".jpg", sealed=False), JPEG)
+    place.put(image_key("user002", "img2", ".png", sealed=True), sealed)
+    assert bucket.keys() == ["clinic/images/user001/img1.jpg", "clinic/images/user002/img2.bin"]
+    data, headers = bucket.read("clinic/images/user001/img1.jpg")
+    assert data == JPEG and headers["content-type"] == "image/jpeg"
+    assert bucket.stored_sha256("clinic/images/user001/img1.jpg") == hashlib.sha256(JPEG).hexdigest()
+    data, headers = bucket.read("clinic/images/user002/img2.bin")
+    assert data == sealed and headers["content-type"] == "application/octet-stream"
+    # Without a prefix, keys start at the bucket's root.
+    bare = place_on(bucket, "")
+    bare.put("user003/img3.webp", JPEG)
+    assert "user003/img3.webp" in bucket.keys()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bytes_changed_in_the_bucket_are_refused(servers: dict[str, Server], make_bucket: Callable[[Server], Bucket],
+                                                 provider: str) -> None:
+    bucket = make_bucket(servers[provider])
+    place = place_on(bucket)
+    place.put("user001/img1.jpg", JPEG)
+    digest = hashlib.sha256(JPEG).hexdigest()
+    # Someone rewrites the object behind the appliance's back, keeping the old sha256 metadata.
+    obstore.put(place.target.store, "user001/img1.jpg", b"tampered", attributes={"sha256": digest})
+    with pytest.raises(StoreError) as caught:
+        place.get("user001/img1.jpg")
+    assert caught.value.status == 500
+    assert caught.value.detail == (
+        f"image user001/img1.jpg in {bucket.url('clinic/images')}: its bytes' sha256 "
+        f"{hashlib.sha256(b'tampered').hexdigest()} differs from the {digest} stored with it"
+    )
+
+
+def test_a_bucket_that_does_not_answer_is_503_and_logged_once_per_outage(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = Server("s3", tmp_path / "moto")  # this test's own server, stopped and started again
+    server.start()
+    try:
+        bucket = Bucket(server, "outage", tmp_path)
+        bucket.create()
+        place = place_on(bucket, "images")
+        place.put("user001/img1.jpg", JPEG)
+        server.stop()
+        expected = "image bucket s3://outage/images does not answer; try again later"
+        with caplog.at_level(logging.WARNING, logger="appliance.storage"):
+            for call in (lambda: place.put("user001/img2.jpg", JPEG), lambda: place.get("user001/img1.jpg"),
+                         lambda: place.delete("user001/img1.jpg")):
+                with pytest.raises(StoreUnavailable) as caught:
+                    call()
+                assert (caught.value.status, caught.value.detail) == (503, expected)
+                assert caught.value.headers == {"Retry-After": "5"}
+            server.start()
+            bucket.create()  # moto keeps buckets in memory: the restarted server starts empty
+            place.put("user001/img2.jpg", JPEG)
+            assert place.get("user001/img2.jpg") == JPEG
+        messages = [r.getMessage() for r in caplog.records if r.name == "appliance.storage"]
+        assert len(messages) == 2
+        assert messages[0].startswith("image bucket s3://outage/images does not answer (storing image user001/img2.jpg): ")
+        assert messages[1] == "image bucket s3://outage/images answers again"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_missing_bucket_is_a_500_naming_the_url_key(servers: dict[str, Server], tmp_path: Path,
+                                                       provider: str) -> None:
+    bucket = Bucket(servers[provider], "nosuchbucket", tmp_path)  # never created
+    place = place_on(bucket)
+    with pytest.raises(StoreError) as caught:
+        place.put("user001/img1.jpg", JPEG)
+    assert (caught.value.status, caught.value.detail) == (
+        500, f"storing image user001/img1.jpg in {bucket.url('clinic/images')}: no such bucket or container "
+             "(storage.images_url)")
+
+
+def test_wrong_credentials_are_a_500_naming_the_credentials_file(
+        servers: dict[str, Server], make_bucket: Callable[[Server], Bucket], tmp_path: Path) -> None:
+    good = make_bucket(servers["azure"])
+    wrong_key = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk="
+    (tmp_path / "bad").mkdir()
+    bad = Bucket(servers["azure"], good.name, tmp_path / "bad", key=wrong_key)
+    place = place_on(bad)
+    with pytest.raises(StoreError) as caught:
+        place.put("user001/img1.jpg", JPEG)
+    assert caught.value.status == 500
+    assert caught.value.detail.startswith(
+        f"storing image user001/img1.jpg in {bad.url('clinic/images')}: the bucket refuses the appliance's "
+        "credentials (bucket.credentials_file): ")
+
+
+# -- config and wiring ------------------------------------------------------------------
+
+
+class PlacedStore(SQLiteStore):
+    """A back end that takes `images` as postgres does; only here to test the wiring, its own I/O is sqlite's."""
+
+    name = "placed"
+
+    def __init__(self, root: Path, *, images: Any = None, **options: Any) -> None:
+        super().__init__(root, **options)
+        self.images = images
+
+
+@pytest.fixture
+def placed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BACKENDS, "placed", f"{__name__}:PlacedStore")
+
+
+def configured(tmp_path: Path, **storage: Any) -> Config:
+    return parse_config({"storage": {"root": str(tmp_path / "data"), **storage}})
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "disk"])
+def test_bucket_images_need_a_back_end_that_takes_them(tmp_path: Path, backend: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configured(tmp_path, backend=backend, images="bucket", images_url="s3://b/images")
+    assert caught.value.detail == (
+        f'storage.images: "bucket" needs a back end that keeps its records apart from its images, '
+        f'storage.backend = "postgres"; got storage.backend = {backend!r}, which keeps its images on its disk '
+        f"(sync forwards them to a bucket)"
+    )
+
+
+def test_bucket_images_need_a_url(tmp_path: Path, placed: None) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configured(tmp_path, backend="placed", images="bucket")
+    assert caught.value.detail == ('storage.images_url: expected a bucket URL (s3://, gs://, az:// or https://) '
+                                   'when storage.images = "bucket"')
+
+
+def test_bucket_images_url_is_checked_like_sync_url(tmp_path: Path, placed: None) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configured(tmp_path, backend="placed", images="bucket", images_url="ftp://b/images")
+    assert caught.value.detail == ("storage.images_url: expected s3://, gs://, az:// or an https URL of S3, "
+                                   "Google Cloud Storage or Azure Blob; got 'ftp://b/images'")
+
+
+def test_images_is_local_or_bucket(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        configured(tmp_path, images="s3")
+    assert caught.value.detail == "storage.images: expected one of local, bucket; got 's3'"
+
+
+def test_configured_store_gets_the_bucket(servers: dict[str, Server], make_bucket: Callable[[Server], Bucket],
+                                          tmp_path: Path, placed: None) -> None:
+    bucket = make_bucket(servers["s3"])
+    raw = {"storage": {"root": str(tmp_path / "data"), "backend": "placed", "images": "bucket",
+                       "images_url": bucket.url("clinic/images")},
+           "bucket": {k.split("__")[1]: v for k, v in bucket.config().items()}}
+    config = parse_config(raw)
+    store = open_configured_store(config.storage, outbox=False, bucket=config.bucket)
+    try:
+        assert isinstance(store, PlacedStore) and isinstance(store.images, BucketImages)
+        store.images.put("user001/img1.jpg", JPEG)
+        assert bucket.keys() == ["clinic/images/user001/img1.jpg"]
+    finally:
+        store.close()
+    # "local" leaves the back end its own default place.
+    local = open_configured_store(configured(tmp_path / "l", backend="placed").storage, outbox=False)
+    try:
+        assert isinstance(local, PlacedStore) and local.images is None
+    finally:
+        local.close()
+    # A back end that keeps its own files is built as before.
+    plain = open_configured_store(configured(tmp_path / "p").storage, outbox=False)
+    plain.close()
+
+
+def test_open_images_local_is_files_under_the_root(tmp_path: Path) -> None:
+    place = open_images(configured(tmp_path).storage, BucketConfig(), tmp_path / "data")
+    assert isinstance(place, LocalImages) and place.directory == tmp_path / "data" / "images"
+    place.directory.mkdir(parents=True)  # a store makes it when it opens
+    place.put("user001/img1.jpg", JPEG)
+    assert (tmp_path / "data" / "images" / "user001" / "img1.jpg").read_bytes() == JPEG
+    assert place.get("user001/img1.jpg") == JPEG
+    place.delete("user001/img1.jpg")
+    assert place.get("user001/img1.jpg") is None
