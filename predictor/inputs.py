@@ -53,7 +53,7 @@ def read_batch(request: InferRequest, manifest: Manifest, *, max_rows: int) -> B
     try:
         array = tensor.as_numpy()
     except ValueError:  # JSON data of the wrong length, or not numbers
-        raise BadRequest(f"{label}: 'data' must hold {int(np.prod(shape))} values for shape {shape}") from None
+        raise BadRequest(f"{label}: 'data' must hold {int(np.prod(shape))} numbers for shape {shape}") from None
     if tensor.datatype == "BYTES":
         return Batch(None, [_image(item, index, label) for index, item in enumerate(array.ravel())])
     if not np.isfinite(array).all():

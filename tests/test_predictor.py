@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -261,6 +262,17 @@ def test_bad_inputs_get_the_appliances_status_and_message(client: triton.Inferen
         assert refused(lambda inputs=inputs: client.infer("tiny", inputs)) == (status, message)
         assert refused(lambda inputs=inputs: reference.infer("tiny", inputs)) == (status, message)
     assert client.is_server_ready()
+
+
+def test_json_data_of_the_wrong_length_is_400(predictor: tuple[str, subprocess.Popen[bytes]]) -> None:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": [0.5] * 10}]})
+    request = urllib.request.Request(f"http://{predictor[0]}/v2/models/tiny/infer", data=body.encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _opener.open(request)
+    with caught.value as error:
+        assert (error.code, json.loads(error.read())) == (
+            400, {"error": "Input 'input': 'data' must hold 150528 numbers for shape [1, 3, 224, 224]"})
 
 
 def test_another_model_name_is_404(client: triton.InferenceServerClient) -> None:
