@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         # kserve parses sys.argv with its own parser when imported (kserve.model_server), and abbreviations
         # match: it would take --config for its --configure_logging. This command line is ours alone.
         sys.argv = sys.argv[:1]
-        from .model import DermModel
-        from .server import DEFAULT_HOST, HostedModelServer, prepare_app
+        try:
+            from .model import DermModel
+            from .server import DEFAULT_HOST, HostedModelServer, prepare_app
+        except ImportError as exc:
+            print(f"predictor: error: needs the kserve extra (pip install '.[kserve]'): {exc}", file=sys.stderr)
+            return 1
 
         model = DermModel(args.model_name, config)
         model.load()
