@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,7 +72,11 @@ class DermModel(Model):
         assert self.loaded is not None, "load() first"
         manifest = self.loaded.manifest
         classifier = self._classifier_here()
-        batch = read_batch(payload, manifest, max_rows=self.config.inference.queue_size)
+        # Turning JSON numbers into an array is CPU work: off the event loop, as the appliance does.
+        batch = await asyncio.get_running_loop().run_in_executor(
+            classifier.decode_executor,
+            functools.partial(read_batch, payload, manifest, max_rows=self.config.inference.queue_size),
+        )
         if batch.images is not None:
             probabilities = await classifier.classify_images(batch.images)
         else:
