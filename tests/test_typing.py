@@ -1,4 +1,4 @@
-"""The type checker on the package: mypy over appliance/ and convert/ with pyproject.toml's [tool.mypy]."""
+"""The type checker on the package: mypy over appliance/, convert/ and predictor/ with pyproject.toml's [tool.mypy]."""
 
 from __future__ import annotations
 
