@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "sqlite": "appliance.storage.sqlite:SQLiteStore",
     "disk": "appliance.storage.disk:DiskStore",
+    "postgres": "appliance.storage.postgres:PostgresStore",
 }
 
 # Record kinds a clinician logs about a case; image records have none.
@@ -69,6 +70,8 @@ class Store(Protocol):
     # record and case record written also becomes a job in the SQLite file at
     # `outbox_path`, never later than its data; the worker reads the data back by name.
     outbox_path: Path
+    # Which worker-side outbox drains it (appliance/sync): "sqlite" (the file at outbox_path) or "postgres".
+    outbox_kind: str
 
     def open(self) -> None:
         """Create or migrate the store, and prove it writable; raise StoreError if not."""
@@ -116,6 +119,11 @@ def open_store(backend: str, root: Path, **options: Any) -> Store:
     return store
 
 
+def outbox_kind(backend: str) -> str:
+    """Which worker-side outbox drains the named back end: "sqlite" (a file) or "postgres" (a table)."""
+    return str(import_from_string(BACKENDS[backend]).outbox_kind)
+
+
 def outbox_location(backend: str, root: Path) -> Path:
     """Where the named back end on `root` keeps its sync outbox, without building or opening a store."""
     return Path(import_from_string(BACKENDS[backend]).outbox_at(root))
@@ -134,4 +142,6 @@ def open_configured_store(storage: StorageConfig, *, outbox: bool) -> Store:
         case_id_start=storage.case_id_start,
         sealer=load_sealer(storage.encrypt, storage.key_file),
         outbox=outbox,
+        # A back end's own keys (postgres: the DSN, timeouts, pool size), read by its module.
+        **import_from_string(BACKENDS[storage.backend]).configured(storage),
     )
