@@ -36,13 +36,11 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
@@ -50,87 +48,19 @@ from . import StoredImage
 from . import records as R
 from .base import BaseStore, CaseRow, Row
 from .config import StorageConfig, resolve_database_url
-from .crypto import binding, envelope_bytes, image_binding
+from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
 from .images import ImagePlace, LocalImages, image_key
-from .outbox import KINDS
+from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, now_iso, check_key, describe_dsn, enqueue, migrate, one_line
 
 log = logging.getLogger("appliance.storage")
 
 IMAGES_DIR = "images"
-# Advisory lock keys. Migrations: one constant. A user's writes and a pending save: hashes of
-# prefixed strings, in the same 64-bit key space (a collision only serialises two unrelated writes).
-MIGRATION_LOCK = 0x6170706C6D696772  # "applmigr"
+# Advisory lock keys: hashes of prefixed strings, in the 64-bit key space the migration lock shares
+# (a collision only serialises two unrelated writes).
 USER_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('appliance-user:' || %s, 0))"
 PENDING_KEY = "hashtextextended('appliance-pending:' || %s || '/' || %s, 0)"
 SWEEP_INTERVAL_S = 60.0
-_KEY_CHECK_PLAINTEXT = b"derm-appliance key check v1"
-_KEY_CHECK_AD = binding("key-check", "", "postgres")
-
-_MIGRATION_1 = """
-CREATE TABLE case_counters (user_id text PRIMARY KEY, last_case_id bigint NOT NULL, updated_at text NOT NULL);
-CREATE TABLE images (
-    seq bigserial PRIMARY KEY, user_id text NOT NULL, image_id text NOT NULL, case_id text, suffix text NOT NULL,
-    size_bytes bigint NOT NULL, created_at text, image_key text NOT NULL, record text NOT NULL,
-    UNIQUE (user_id, image_id));
-CREATE INDEX images_by_case ON images (user_id, case_id, seq);
-CREATE TABLE cases (
-    seq bigserial PRIMARY KEY, user_id text NOT NULL, case_id text NOT NULL, entry_type text NOT NULL,
-    status_key text NOT NULL, created_at text NOT NULL, record text NOT NULL);
-CREATE INDEX cases_by_case ON cases (user_id, case_id);
-CREATE INDEX cases_by_user_time ON cases (user_id, created_at, seq);
-CREATE INDEX cases_by_time ON cases (created_at, seq);
-CREATE TABLE pending_images (
-    user_id text NOT NULL, image_id text NOT NULL, image_key text NOT NULL, created_at text NOT NULL,
-    PRIMARY KEY (user_id, image_id));
-CREATE TABLE outbox (
-    id bigserial PRIMARY KEY, kind text NOT NULL, user_id text NOT NULL, ref text NOT NULL,
-    size_bytes bigint NOT NULL DEFAULT 0, created_at double precision NOT NULL, version integer NOT NULL DEFAULT 1,
-    attempts integer NOT NULL DEFAULT 0, next_attempt_at double precision NOT NULL DEFAULT 0, last_error text,
-    failed_at double precision, dead_at double precision, leased_until double precision,
-    UNIQUE (kind, user_id, ref));
-CREATE INDEX outbox_due ON outbox (next_attempt_at, id);
-CREATE TABLE key_check (id integer PRIMARY KEY CHECK (id = 1), check_value text NOT NULL, created_at text NOT NULL)
-"""
-
-# Numbered, append-only: a migration once shipped is never edited.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _MIGRATION_1),)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def one_line(error: BaseException) -> str:
-    """A driver error as one line (libpq messages span several)."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
-def describe_dsn(dsn: str) -> str:
-    """What messages name: `postgres host:port/dbname`, never the password."""
-    try:
-        parts = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "postgres (unparsable DSN)"
-    return f"postgres {parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
-
-
-def enqueue(conn: psycopg.Connection, kind: str, user_id: str, ref: str, size_bytes: int) -> None:
-    """The PostgreSQL twin of storage/outbox.py's `enqueue`, in the caller's transaction."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown outbox job kind {kind!r}")
-    # Every SET expression sees the old row, as in SQLite: a dead letter comes back live with fresh attempts.
-    conn.execute(
-        "INSERT INTO outbox (kind, user_id, ref, size_bytes, created_at) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (kind, user_id, ref) DO UPDATE SET version = outbox.version + 1,"
-        " size_bytes = excluded.size_bytes,"
-        " attempts = CASE WHEN outbox.dead_at IS NULL THEN outbox.attempts ELSE 0 END,"
-        " next_attempt_at = CASE WHEN outbox.dead_at IS NULL THEN outbox.next_attempt_at ELSE 0 END,"
-        " dead_at = NULL",
-        (kind, user_id, ref, int(size_bytes), time.time()),
-    )
 
 
 class _Health:
@@ -250,66 +180,14 @@ class PostgresStore(BaseStore):
         self.pool.open(wait=True, timeout=self.connect_timeout_s)
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            self._migrate(conn)
-            self._check_key_in(conn)
+            migrate(conn, self._label)
+            check_key(conn, self.sealer, self._label)
         self.sweep_pending()
 
     def _close_root(self) -> None:
         if self.pool is not None:
             self.pool.close()
         self.pool = None
-
-    def _migrate(self, conn: psycopg.Connection) -> None:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at text NOT NULL)")
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-        current = int(row[0]) if row else 0
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"{self._label}: schema version {current} is newer than this appliance knows ({SCHEMA_VERSION})")
-        for version, script in MIGRATIONS:
-            if version > current:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)  # constant SQL, not user input
-                conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)", (version, _now()))
-
-    def _check_key_in(self, conn: psycopg.Connection) -> None:
-        """The key check, kept in the database (every instance shares it); see Sealer.check_root for the rules."""
-        row = conn.execute("SELECT check_value FROM key_check WHERE id = 1").fetchone()
-        plain, sealed = self._evidence(conn)
-        if not self.sealer.enabled:
-            what = "its key_check table" if row is not None else (sealed[0] if sealed is not None else None)
-            if what is not None:
-                raise StoreError(
-                    f"storage: {self._label} is encrypted ({what}) but storage.encrypt (ENCRYPT_STORAGE) is off; "
-                    "turn it on and set the key"
-                )
-            return
-        wrong = f"storage: {self.sealer.source} does not decrypt the key check in {self._label}: wrong key?"
-        if row is not None:
-            try:
-                self.sealer.unseal(bytes.fromhex(row[0]), "key_check", _KEY_CHECK_AD)
-            except (StoreError, ValueError):
-                raise StoreError(wrong) from None
-            return
-        if plain is not None:
-            raise StoreError(
-                f"storage: {self._label} holds unencrypted data ({plain}) and storage.encrypt (ENCRYPT_STORAGE) "
-                "is on; encryption is only turned on for an empty store (see README, Encryption at rest)"
-            )
-        if sealed is not None:
-            self.sealer.unseal(sealed[1], sealed[0], sealed[2])
-        value = self.sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_AD).hex()
-        conn.execute("INSERT INTO key_check (id, check_value, created_at) VALUES (1, %s, %s)", (value, _now()))
-
-    def _evidence(self, conn: psycopg.Connection) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
-        row = conn.execute(
-            "(SELECT user_id, record FROM images LIMIT 1) UNION ALL (SELECT user_id, record FROM cases LIMIT 1) LIMIT 1"
-        ).fetchone()
-        sample = None if row is None else envelope_bytes(row[1], row[0])
-        plain = f"records in {self._label}" if row is not None and sample is None else None
-        return plain, None if sample is None else (f"a record in {self._label}", *sample)
-
-    # -- plumbing -----------------------------------------------------------
 
     @contextlib.contextmanager
     def _using(self, action: str) -> Iterator[None]:
@@ -390,7 +268,7 @@ class PostgresStore(BaseStore):
                 conn.execute(
                     "INSERT INTO pending_images (user_id, image_id, image_key, created_at) VALUES (%s, %s, %s, %s)"
                     " ON CONFLICT (user_id, image_id) DO UPDATE SET image_key = excluded.image_key",
-                    (user_id, image.image_id, key, _now()),
+                    (user_id, image.image_id, key, now_iso()),
                 )
                 try:
                     self.images.put(key, self.sealer.seal(bytes(image.data), image_binding(user_id, image.image_id)))
@@ -437,7 +315,8 @@ class PostgresStore(BaseStore):
         """Remove the leftovers of saves whose saver is gone (its pending lock is free); how many."""
         swept = 0
         with self._connection() as conn:
-            for user_id, image_id, key in conn.execute("SELECT user_id, image_id, image_key FROM pending_images").fetchall():
+            pending = conn.execute("SELECT user_id, image_id, image_key FROM pending_images").fetchall()
+            for user_id, image_id, key in pending:
                 got = conn.execute(f"SELECT pg_try_advisory_lock({PENDING_KEY})", (user_id, image_id)).fetchone()
                 if not (got and got[0]):
                     continue  # its saver is still at work
@@ -519,7 +398,7 @@ class _Records:
             "INSERT INTO case_counters (user_id, last_case_id, updated_at) VALUES (%s, %s, %s)"
             " ON CONFLICT (user_id) DO UPDATE SET last_case_id = excluded.last_case_id,"
             " updated_at = excluded.updated_at",
-            (self.user_id, last, _now()),
+            (self.user_id, last, now_iso()),
         )
 
     def images(self, case_id: str | None = None) -> list[Row]:
