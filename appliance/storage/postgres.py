@@ -169,6 +169,9 @@ class PostgresStore(BaseStore):
             # A connection that died in an outage is found and replaced before it is handed out.
             check=ConnectionPool.check_connection,
             timeout=self.connect_timeout_s,
+            # Give up a failing reconnection soon: the next caller then starts a fresh attempt at once,
+            # instead of waiting out the pool's exponential backoff after the database is back.
+            reconnect_timeout=self.connect_timeout_s,
             kwargs={
                 "autocommit": True,  # transactions are explicit: conn.transaction()
                 "connect_timeout": self.connect_timeout_s,
