@@ -30,13 +30,16 @@ from appliance.storage.config import resolve_database_url
 from appliance.storage.crypto import Sealer
 from appliance.storage.postgres import PostgresStore
 from appliance.storage.pgschema import SCHEMA_VERSION
+from appliance.sync.commands import sync_command
 from appliance.sync.outbox import Job
 from appliance.sync.pgoutbox import PgOutbox
 
+from .buckets import Bucket, Server
 from .conftest import encode, photo
 from .postgres import PostgresServer
 from .stores import JPEG, USER, case_record, save
 from .test_api import check
+from .test_sync import sync_overrides
 
 KEY = base64.urlsafe_b64encode(bytes(range(32))).decode()
 HEADERS = {"X-User-Id": USER, "X-User-Role": "gp"}
@@ -362,3 +365,28 @@ def test_an_outage_raises_store_unavailable_and_stats_says_so(
     assert [r["image_id"] for r in store.list_images(USER)] == ["img-1"]
     save(store, "img-2", "10000")
     assert store.stats()["images"] == 2
+
+
+# -- `appliance sync status` and `sync retry` on the outbox table ------------------------------
+
+
+def test_sync_status_and_retry_read_the_outbox_table(
+        make_config: Any, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
+    config = make_config(storage__backend="postgres", **sync_overrides(bucket))
+    store = open_store("postgres", config.storage.root, outbox=True)
+    assert isinstance(store, PostgresStore)
+    try:
+        save(store, "img-1", "10000")
+        outbox = PgOutbox(store)
+        (job,) = outbox.due(1e12, 10)
+        outbox.failed(job, "GenericError: 403", now=1000.0, retry_at=1001.0, dead=True)
+        assert sync_command(config.storage, config.sync, config.bucket, status=True, once=False) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["backlog"], printed["dead_letters"], printed["last_error"]) == (1, 1, "GenericError: 403")
+        assert printed["outbox"].startswith("postgres 127.0.0.1:")
+        assert sync_command(config.storage, config.sync, config.bucket, status=False, once=False, retry=True) == 0
+        assert capsys.readouterr().out.startswith("1 dead-lettered sync jobs in postgres 127.0.0.1:")
+        assert [j.attempts for j in outbox.due(1e12, 10)] == [0]
+    finally:
+        store.close()

@@ -11,7 +11,9 @@ its effect durable (fsync'd); one that raises `StoreError` has left nothing
 half-done behind. Ids used in paths are checked (`files.check_id`): a bad one
 raises ValueError. An open store holds an exclusive lock on its root, so a
 second store (or process) opening the same root gets a StoreError until the
-first is closed or its process dies.
+first is closed or its process dies. The postgres store is shared by many
+instances: it locks only a root holding its image files, and serialises each
+user's writes in the database instead.
 
 Shared parts live once: `base` (open, lock, key check, atomic sections),
 `files` (durable writes, path checks), `records` (what records contain, case
@@ -58,8 +60,9 @@ class StoredImage:
 class Store(Protocol):
     """What every storage back end offers: primitives the contract's rules (appliance/cases.py) build on.
 
-    Built as `cls(root: Path, *, case_id_start=10000, sealer=None, outbox=False)`;
-    thread-safe. `storage.base.BaseStore` implements all but the back end's own I/O.
+    Built as `cls(root: Path, *, case_id_start=10000, sealer=None, outbox=False)` plus
+    the back end's own options (`cls.configured(storage_config)`); thread-safe.
+    `storage.base.BaseStore` implements all but the back end's own I/O.
     """
 
     name: str
