@@ -321,6 +321,7 @@ async def test_a_database_outage_is_a_503_with_retry_after_and_recovers_by_itsel
     assert (await check(client, encode(photo(seed=4))))[0] == 200
     response = await client.post("/cases/next-id", headers=HEADERS)
     assert (response.status, await response.json()) == (200, {"case_id": "10001"})
+    caplog.clear()  # from here on: the outage and the recovery
     postgres_server.stop()
     try:
         for _ in range(3):
@@ -341,6 +342,25 @@ async def test_a_database_outage_is_a_503_with_retry_after_and_recovers_by_itsel
     messages = [r.getMessage() for r in caplog.records if r.name == "appliance.storage"]
     assert len([m for m in messages if "unavailable" in m]) == 1, messages
     assert len([m for m in messages if "answers again" in m]) == 1, messages
+    # Not once per request or probe anywhere else either (the API's error log, /ready, the pool's retries).
+    others = [(r.name, r.getMessage()) for r in caplog.records
+              if r.name != "appliance.storage" and r.levelno >= logging.WARNING]
+    assert others == []
+
+
+def test_sslmode_in_the_dsn_is_honoured(database_url: str, tmp_path: Path) -> None:
+    # The test server has no TLS: a DSN that requires it is refused with libpq's reason, one line.
+    with pytest.raises(StoreError, match=r"^cannot open store postgres 127\.0\.0\.1:\d+/t_\d+: .*"
+                                         r"server does not support SSL, but SSL was required$"):
+        open_store("postgres", tmp_path / "a", database_url=database_url + "?sslmode=require")
+    ca = tmp_path / "ca.pem"
+    with pytest.raises(StoreError, match="server does not support SSL, but SSL was required$"):
+        open_store("postgres", tmp_path / "b", database_url=f"{database_url}?sslmode=verify-full&sslrootcert={ca}")
+    store = open_store("postgres", tmp_path / "c", database_url=database_url + "?sslmode=disable")
+    try:
+        assert next_case_id(store, USER) == "10000"
+    finally:
+        store.close()
 
 
 def test_a_store_that_cannot_reach_its_database_does_not_open(tmp_path: Path) -> None:

@@ -160,7 +160,20 @@ class PostgresStore(BaseStore):
                 raise
 
     def _open_root(self) -> None:
-        timeout_ms = int(self.statement_timeout_s * 1000)
+        # The pool logs every failed reconnection attempt; the store logs an outage once (_Health).
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        settings: dict[str, Any] = {
+            "autocommit": True,  # transactions are explicit: conn.transaction()
+            "connect_timeout": self.connect_timeout_s,
+            "options": f"-c statement_timeout={int(self.statement_timeout_s * 1000)}",
+            "application_name": "appliance",
+        }
+        # Migrate on a connection of its own: a refused DSN (password, sslmode, sslrootcert) is
+        # named by libpq's own error here, where the pool would only say it timed out.
+        with psycopg.connect(self.database_url, **settings) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            migrate(conn, self._label)
+            check_key(conn, self.sealer, self._label)
         self.pool = ConnectionPool(
             self.database_url,
             min_size=1,
@@ -172,19 +185,10 @@ class PostgresStore(BaseStore):
             # Give up a failing reconnection soon: the next caller then starts a fresh attempt at once,
             # instead of waiting out the pool's exponential backoff after the database is back.
             reconnect_timeout=self.connect_timeout_s,
-            kwargs={
-                "autocommit": True,  # transactions are explicit: conn.transaction()
-                "connect_timeout": self.connect_timeout_s,
-                "options": f"-c statement_timeout={timeout_ms}",
-                "application_name": "appliance",
-            },
+            kwargs=settings,
             name="appliance-store",
         )
         self.pool.open(wait=True, timeout=self.connect_timeout_s)
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            migrate(conn, self._label)
-            check_key(conn, self.sealer, self._label)
         self.sweep_pending()
 
     def _close_root(self) -> None:
