@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -377,7 +376,6 @@ class PostgresStore(BaseStore):
             "pending_images": pending,
             "schema_version": SCHEMA_VERSION,
             "pool_size": self.pool_size,
-            "process": os.getpid(),
         }
 
 
