@@ -315,8 +315,7 @@ async def ready_again(client: Any, within_s: float = 30.0) -> None:
 
 async def test_a_database_outage_is_a_503_with_retry_after_and_recovers_by_itself(
         aiohttp_client: Any, make_config: Any, postgres_server: PostgresServer, database_url: str,
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(PostgresStore, "connect_timeout_s", 1)  # the pool's wait for a connection, in an outage
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="appliance.storage")
     client = await aiohttp_client(create_app(make_config(storage__backend="postgres")))
     assert (await check(client, encode(photo(seed=4))))[0] == 200

@@ -60,6 +60,7 @@ IMAGES_DIR = "images"
 USER_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('appliance-user:' || %s, 0))"
 PENDING_KEY = "hashtextextended('appliance-pending:' || %s || '/' || %s, 0)"
 SWEEP_INTERVAL_S = 60.0
+OUTAGE_WAIT_S = 0.25  # how long a call waits for a pooled connection while the database is known down
 
 
 class _Health:
@@ -166,6 +167,13 @@ class PostgresStore(BaseStore):
             "connect_timeout": self.connect_timeout_s,
             "options": f"-c statement_timeout={int(self.statement_timeout_s * 1000)}",
             "application_name": "appliance",
+            # A database host that vanishes (no RST) is noticed in seconds, not after the kernel's TCP
+            # timeouts: libpq's keepalives for an idle wait, tcp_user_timeout for unacknowledged sends.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(self.connect_timeout_s * 1000),
         }
         # Migrate on a connection of its own: a refused DSN (password, sslmode, sslrootcert) is
         # named by libpq's own error here, where the pool would only say it timed out.
@@ -218,7 +226,11 @@ class PostgresStore(BaseStore):
     def _connection(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
         if self.pool is None:
             raise StoreError(f"store {self._label} is not open")
-        return self.pool.connection()
+        # In an outage, answer 503 at once: the app's store calls run one after another on one
+        # thread, so waiting connect_timeout_s on each would queue every request behind the others.
+        # The pool keeps reconnecting meanwhile; the first call after it succeeds ends the outage.
+        wait = self.connect_timeout_s if self.health.down_since is None else OUTAGE_WAIT_S
+        return self.pool.connection(timeout=wait)
 
     @contextlib.contextmanager
     def _section(self, user_id: str | None, write: bool) -> Iterator[_Records]:
