@@ -410,3 +410,44 @@ def test_sync_status_and_retry_read_the_outbox_table(
         assert [j.attempts for j in outbox.due(1e12, 10)] == [0]
     finally:
         store.close()
+
+
+# -- two instances behind a load balancer, through the API ------------------------------------
+
+
+async def test_a_client_switching_instance_on_every_call_sees_one_system(
+        aiohttp_client: Any, make_config: Any, database_url: str, tmp_path: Path) -> None:
+    apps = [await aiohttp_client(create_app(make_config(storage__backend="postgres", storage__root=str(tmp_path / n))))
+            for n in ("one", "two")]
+    turn = iter(range(1000))
+
+    def next_instance() -> Any:
+        return apps[next(turn) % 2]
+
+    issued = []
+    for _ in range(6):
+        response = await next_instance().post("/cases/next-id", headers=HEADERS)
+        issued.append((await response.json())["case_id"])
+    status, body = await check(next_instance(), encode(photo(seed=6)))
+    assert status == 200
+    issued.append(body["case_id"])
+    assert issued == [str(10000 + i) for i in range(7)]  # no repeat, in order, whichever instance answered
+    case_id = body["case_id"]
+    response = await next_instance().post("/cases", json={"case_id": case_id, "notes": "from one"}, headers=HEADERS)
+    assert (await response.json())["status"] == "ok"
+    response = await next_instance().put(f"/cases/{case_id}", json={"status": "Confirmed"}, headers=HEADERS)
+    assert (response.status, await response.json()) == (200, {"status": "ok", "case_id": case_id})
+    for client in apps:
+        [case] = (await (await client.get("/cases", headers=HEADERS)).json())["cases"]
+        assert (case["case_id"], case["notes"], case["status"], case["image_ids"]) == (
+            case_id, "from one", "Confirmed", [body["image_id"]])
+    response = await next_instance().post("/cases/release-id", json={"case_id": case_id}, headers=HEADERS)
+    assert await response.json() == {"status": "skipped", "reason": "case_in_use"}
+    response = await next_instance().post("/cases/next-id", headers=HEADERS)
+    fresh = (await response.json())["case_id"]
+    response = await next_instance().post("/cases/release-id", json={"case_id": case_id}, headers=HEADERS)
+    assert await response.json() == {"status": "skipped", "reason": "counter_mismatch", "last_case_id": fresh}
+    response = await next_instance().post("/cases/release-id", json={"case_id": fresh}, headers=HEADERS)
+    assert await response.json() == {"status": "ok", "case_id": fresh}
+    response = await next_instance().post("/cases/next-id", headers=HEADERS)
+    assert await response.json() == {"case_id": fresh}  # the released id, issued again by the other instance
