@@ -90,7 +90,8 @@ def test_a_schema_newer_than_the_code_is_refused(make_pg: Callable[..., Postgres
     make_pg("a").close()
     with psycopg.connect(database_url) as conn:
         conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 'later')")
-    newer = f"^postgres 127\\.0\\.0\\.1:\\d+/t_\\d+: schema version 99 is newer than this appliance knows \\({SCHEMA_VERSION}\\)$"
+    newer = (r"^postgres 127\.0\.0\.1:\d+/t_\d+: schema version 99 is newer than this appliance knows "
+             f"\\({SCHEMA_VERSION}\\)$")
     with pytest.raises(StoreError, match=newer):
         make_pg("b")
 
