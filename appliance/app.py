@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .api import clinic, guards, kserve, monitoring, openapi, ops
 from .config import Config, wanted_path
-from .errors import ApplianceError, PayloadTooLarge
+from .errors import ApplianceError, PayloadTooLarge, StoreUnavailable
 from .inference.model import load_model
 from .inference.scheduler import Scheduler
 from .keys import (
@@ -69,7 +69,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApplianceError as exc:
-        if exc.status >= 500:
+        # A database outage is logged by the store, once when it starts and once when it ends.
+        if exc.status >= 500 and not isinstance(exc, StoreUnavailable):
             log.error("%s %s: %s", request.method, request.path, exc.detail)
         return web.json_response(_error_body(request, exc.detail), status=exc.status, headers=exc.headers)
     except web.HTTPRequestEntityTooLarge:

@@ -29,7 +29,7 @@ from .inference.runtimes.onnxruntime import LEGACY_DEVICES
 from .settings import Check, check_fields, positive, setting
 from .security.config import AuthConfig, LimitsConfig, ServerConfig
 from .security.exposure import check_exposure
-from .storage.config import StorageConfig
+from .storage.config import StorageConfig, check_storage
 from .storage.images import check_images
 from .sync.config import SyncConfig, check_sync
 
@@ -198,6 +198,7 @@ def _check_choices(config: Config) -> None:
     """The rules between keys; each key's own range or choices were checked as it was parsed."""
     check_sync(config.sync)
     check_images(config.storage)
+    check_storage(config.storage)
     if config.model.url:
         check_url(config.model.url, "model.url")
     if config.imaging.blur_full_resolution and config.imaging.decode == "fast":

@@ -14,13 +14,14 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from appliance.config import Config, parse_config
+from tests.postgres import PostgresServer
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -202,3 +203,34 @@ def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Config]:
         return parse_config(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (tests/postgres.py), started on first use, removed at the end."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def database_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database on the session's server, also set as DATABASE_URL (what the postgres store reads)."""
+    if not postgres_server.running:  # a test that stopped it for an outage and failed before starting it again
+        postgres_server.start()
+    url = postgres_server.create_database()
+    # A MonkeyPatch of its own: a test's `monkeypatch.undo()` must not take the database away.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATABASE_URL", url)
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _postgres_for_backend(request: pytest.FixtureRequest) -> None:
+    """A test parametrized with a "postgres" back end (backend, source or target) gets a fresh database as DATABASE_URL."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "postgres" in (callspec.params.get(name) for name in ("backend", "source", "target")):
+        request.getfixturevalue("database_url")

@@ -8,6 +8,8 @@ gets the whole contract suite by its registry line alone.
 from __future__ import annotations
 
 import io
+import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import pytest
 from PIL import Image
 
 from appliance.cases import list_cases
-from appliance.storage import BACKENDS, Store, StoredImage, open_store
+from appliance.storage import BACKENDS, Store, StoredImage, open_store, outbox_kind
+from appliance.storage.outbox import connect, enqueue
 
 USER = "user001"
 OTHER = "user002"
@@ -122,3 +125,36 @@ def listed(store: Store, user: str | None = USER, **options: Any) -> list[tuple[
     defaults: dict[str, Any] = {"status": None, "limit": 100, "include_uncertain": True, "include_rejected": True}
     records = list_cases(store, user, **{**defaults, **options})
     return [(r["case_id"], r["entry_type"]) for r in records]
+
+
+def outbox_rows(backend: str, outbox_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a query on a store's sync outbox, wherever it lives: its SQLite file or (postgres) its table."""
+    if outbox_kind(backend) == "postgres":
+        import psycopg
+
+        with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+            return list(conn.execute(sql).fetchall())
+    conn = sqlite3.connect(outbox_path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def requeue(backend: str, outbox_path: Path, jobs: list[tuple[str, str, str, int]]) -> None:
+    """Enqueue (kind, user, ref, size) jobs again in one transaction, as a store does (a re-drain after a crash)."""
+    if outbox_kind(backend) == "postgres":
+        import psycopg
+
+        from appliance.storage.postgres import enqueue as enqueue_row
+
+        with psycopg.connect(os.environ["DATABASE_URL"]) as pg, pg.transaction():
+            for job in jobs:
+                enqueue_row(pg, *job)
+        return
+    conn = connect(outbox_path)
+    conn.execute("BEGIN IMMEDIATE")
+    for job in jobs:
+        enqueue(conn, *job)
+    conn.execute("COMMIT")
+    conn.close()

@@ -62,7 +62,7 @@ def test_every_key_is_in_config_toml_with_a_comment() -> None:
         ({"server": {"port": 0}}, "server.port: expected a positive number; got 0"),
         ({"runtime": {"openvino": {"device": "gpu0"}}}, "runtime.openvino.device: expected one of CPU, GPU, NPU, AUTO; got 'gpu0'"),
         ({"runtime": {"backend": "tensorflow"}}, "runtime.backend: expected one of onnxruntime, openvino; got 'tensorflow'"),
-        ({"storage": {"backend": "s3"}}, "storage.backend: expected one of sqlite, disk; got 's3'"),
+        ({"storage": {"backend": "s3"}}, "storage.backend: expected one of sqlite, disk, postgres; got 's3'"),
         ({"imaging": {"conf_threshold": 2}}, "imaging.conf_threshold: expected a number from 0 to 1; got 2.0"),
         ({"imaging": {"blur_full_resolution": "maybe"}}, "imaging.blur_full_resolution: expected true or false; got 'maybe'"),
         ({"server": {"tls_cert_file": "c.pem"}}, "server.tls_cert_file and server.tls_key_file: expected both or neither"),

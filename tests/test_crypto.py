@@ -40,7 +40,9 @@ def v2_decrypt(blob: bytes, kind: str, user_id: str, ref: str) -> bytes:
     return AESGCM(KEY).decrypt(blob[len(magic):len(magic) + 12], blob[len(magic) + 12:], ad)
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+# The back ends whose key check is a file under the root (postgres keeps it in the database, and its
+# encryption tests are in tests/test_storage_postgres.py).
+@pytest.fixture(params=sorted(b for b in BACKENDS if b != "postgres"))
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 

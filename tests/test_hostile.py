@@ -294,14 +294,19 @@ class ServedAsInProduction(TestServer):
 
 def store_counts(client: TestClient) -> dict[str, Any]:
     stats = client.app[STORE].stats()
-    return {k: stats[k] for k in ("images", "cases", "image_bytes", "users_with_counters", "pending_files")}
+    # Saves left half-done: sqlite journals files, postgres image saves; each back end has one of them.
+    [pending] = [k for k in ("pending_files", "pending_images") if k in stats]
+    return {k: stats[k] for k in ("images", "cases", "image_bytes", "users_with_counters", pending)}
 
 
+# The default store, and PostgreSQL: hostile text reaches its queries as parameters and its records as JSON.
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 @pytest.mark.parametrize("name", list(CASES))
-async def test_hostile_input(aiohttp_client: Any, make_config: Any, tmp_path: Path, name: str) -> None:
+async def test_hostile_input(aiohttp_client: Any, make_config: Any, tmp_path: Path, name: str, backend: str) -> None:
     case = CASES[name]()
     keys = ApiKeys.of({"phones": KEY}) if case.keyed else ApiKeys()
-    client = await aiohttp_client(ServedAsInProduction(create_app(make_config(), api_keys=keys)))
+    config = make_config(storage__backend=backend)
+    client = await aiohttp_client(ServedAsInProduction(create_app(config, api_keys=keys)))
     before = store_counts(client)
     body = None if case.body is None else io.BytesIO(case.body)  # aiohttp warns about large raw bytes
     response = await client.request(case.method, case.path, data=body, headers=case.headers)

@@ -22,9 +22,9 @@ from appliance.buckets import open_target
 from appliance.buckets.config import BucketConfig
 from appliance.config import Config, parse_config
 from appliance.errors import ConfigError, StoreError, StoreUnavailable
-from appliance.storage import BACKENDS, open_configured_store
+from appliance.storage import StoredImage, open_configured_store
 from appliance.storage.images import BucketImages, LocalImages, image_key, open_images
-from appliance.storage.sqlite import SQLiteStore
+from appliance.storage.postgres import PostgresStore
 
 from .buckets import Bucket, Server
 from .stores import image_bytes
@@ -189,21 +189,6 @@ def test_wrong_credentials_are_a_500_naming_the_credentials_file(
 # -- config and wiring ------------------------------------------------------------------
 
 
-class PlacedStore(SQLiteStore):
-    """A back end that takes `images` as postgres does; only here to test the wiring, its own I/O is sqlite's."""
-
-    name = "placed"
-
-    def __init__(self, root: Path, *, images: Any = None, **options: Any) -> None:
-        super().__init__(root, **options)
-        self.images = images
-
-
-@pytest.fixture
-def placed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(BACKENDS, "placed", f"{__name__}:PlacedStore")
-
-
 def configured(tmp_path: Path, **storage: Any) -> Config:
     return parse_config({"storage": {"root": str(tmp_path / "data"), **storage}})
 
@@ -219,16 +204,16 @@ def test_bucket_images_need_a_back_end_that_takes_them(tmp_path: Path, backend: 
     )
 
 
-def test_bucket_images_need_a_url(tmp_path: Path, placed: None) -> None:
+def test_bucket_images_need_a_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        configured(tmp_path, backend="placed", images="bucket")
+        configured(tmp_path, backend="postgres", images="bucket")
     assert caught.value.detail == ('storage.images_url: expected a bucket URL (s3://, gs://, az:// or https://) '
                                    'when storage.images = "bucket"')
 
 
-def test_bucket_images_url_is_checked_like_sync_url(tmp_path: Path, placed: None) -> None:
+def test_bucket_images_url_is_checked_like_sync_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        configured(tmp_path, backend="placed", images="bucket", images_url="ftp://b/images")
+        configured(tmp_path, backend="postgres", images="bucket", images_url="ftp://b/images")
     assert caught.value.detail == ("storage.images_url: expected s3://, gs://, az:// or an https URL of S3, "
                                    "Google Cloud Storage or Azure Blob; got 'ftp://b/images'")
 
@@ -240,28 +225,26 @@ def test_images_is_local_or_bucket(tmp_path: Path) -> None:
 
 
 def test_configured_store_gets_the_bucket(servers: dict[str, Server], make_bucket: Callable[[Server], Bucket],
-                                          tmp_path: Path, placed: None) -> None:
+                                          tmp_path: Path, database_url: str) -> None:
     bucket = make_bucket(servers["s3"])
-    raw = {"storage": {"root": str(tmp_path / "data"), "backend": "placed", "images": "bucket",
+    raw = {"storage": {"root": str(tmp_path / "data"), "backend": "postgres", "images": "bucket",
                        "images_url": bucket.url("clinic/images")},
            "bucket": {k.split("__")[1]: v for k, v in bucket.config().items()}}
     config = parse_config(raw)
     store = open_configured_store(config.storage, outbox=False, bucket=config.bucket)
     try:
-        assert isinstance(store, PlacedStore) and isinstance(store.images, BucketImages)
-        store.images.put("user001/img1.jpg", JPEG)
+        assert isinstance(store, PostgresStore) and isinstance(store.images, BucketImages)
+        store.save_image("user001", StoredImage("img1", JPEG, ".jpg"), {"case_id": "10000", "status": "success"})
         assert bucket.keys() == ["clinic/images/user001/img1.jpg"]
+        assert store.read_image("user001", "img1") == JPEG
     finally:
         store.close()
-    # "local" leaves the back end its own default place.
-    local = open_configured_store(configured(tmp_path / "l", backend="placed").storage, outbox=False)
+    # "local" leaves the back end its own files under the root.
+    local = open_configured_store(configured(tmp_path / "l", backend="postgres").storage, outbox=False)
     try:
-        assert isinstance(local, PlacedStore) and local.images is None
+        assert isinstance(local, PostgresStore) and isinstance(local.images, LocalImages)
     finally:
         local.close()
-    # A back end that keeps its own files is built as before.
-    plain = open_configured_store(configured(tmp_path / "p").storage, outbox=False)
-    plain.close()
 
 
 def test_open_images_local_is_files_under_the_root(tmp_path: Path) -> None:

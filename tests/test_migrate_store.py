@@ -258,9 +258,7 @@ def test_import_legacy_writes_into_the_configured_store(tmp_path: Path, backend:
 def test_images_to_bucket_needs_storage_images_url(tmp_path: Path, source: str, config_file: Path,
                                                    filled: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    # A back end taking `images` as postgres does (tests/test_images_bucket.py), until postgres is registered.
-    monkeypatch.setitem(BACKENDS, "placed", "tests.test_images_bucket:PlacedStore")
-    args = ["migrate-store", "--config", str(config_file), "--to", "placed", "--to-root", str(tmp_path / "to"),
+    args = ["migrate-store", "--config", str(config_file), "--to", "postgres", "--to-root", str(tmp_path / "to"),
             "--images-to-bucket"]
     assert main(args) == 1
     assert capsys.readouterr().err == (

@@ -34,13 +34,13 @@ from appliance.config import Config, parse_config
 from appliance.keys import STORE, SYNC
 from appliance.privacy import strip_metadata
 from appliance.storage import BACKENDS, open_store
-from appliance.storage.outbox import connect, enqueue
 from appliance.sync import keys
 from appliance.sync.commands import sync_command
 from appliance.sync.worker import backoff_delay
 
 from .buckets import Bucket, Server
 from .conftest import encode, photo
+from .stores import requeue
 from .test_api import upload
 from .test_serve import post_image, running, wait_ready
 
@@ -212,13 +212,8 @@ async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
 
     # Re-drain everything (as after a crash between upload and done): same objects, no duplicates.
     images = [first["image_id"], second["image_id"]]
-    conn = connect(Path(store.outbox_path))
-    conn.execute("BEGIN IMMEDIATE")
-    for image_id in images:
-        enqueue(conn, "image", "user001", image_id, 1)
-    enqueue(conn, "case", "user001", case_id, 1)
-    conn.execute("COMMIT")
-    conn.close()
+    requeue(backend, Path(store.outbox_path),
+            [("image", "user001", image_id, 1) for image_id in images] + [("case", "user001", case_id, 1)])
     assert await asyncio.to_thread(sync_command, config.storage, config.sync, config.bucket, status=False, once=True) == 0
     assert_bucket_equals(bucket, expected)
 

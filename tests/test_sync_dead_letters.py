@@ -25,7 +25,7 @@ from appliance.sync.outbox import Outbox, read_backlog_at, retry_dead_letters
 
 from .buckets import Bucket, Server
 from .conftest import encode, photo
-from .stores import case_record, save
+from .stores import case_record, outbox_rows, save
 from .test_sync import check, sync_overrides
 
 OLD_SCHEMA = """CREATE TABLE outbox (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, user_id TEXT NOT NULL,
@@ -43,9 +43,7 @@ def test_image_record_jobs_count_their_bytes(backend: str, tmp_path: Path) -> No
         record = store.image_record("user001", "img-1")
     finally:
         store.close()
-    with sqlite3.connect(store.outbox_path) as conn:
-        sizes = dict(conn.execute("SELECT kind, size_bytes FROM outbox").fetchall())
-    conn.close()
+    sizes = dict(outbox_rows(backend, store.outbox_path, "SELECT kind, size_bytes FROM outbox"))
     assert record is not None and sizes["image_record"] == len(R.dumps(record))  # was 0 before issue 13
     assert all(size > 0 for size in sizes.values()), sizes
 

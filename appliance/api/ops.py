@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..errors import StoreUnavailable
 from ..inference.model import LoadedModel
 from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, SYNC
 from ..sync.status import disabled_status
@@ -41,7 +42,8 @@ async def ready(request: web.Request) -> web.Response:
         await loop.run_in_executor(app[EXECUTORS].store, app[STORE].stats)
         checks["store"] = True
     except Exception as exc:  # any store failure means not ready; why goes to the log, never to the prober
-        log.warning("/ready: the store does not answer: %s", exc)
+        if not isinstance(exc, StoreUnavailable):  # an outage: the store logs it once, not once per probe
+            log.warning("/ready: the store does not answer: %s", exc)
     body: dict[str, Any] = {"status": "ready" if all(checks.values()) else "not ready", "checks": checks}
     if not all(checks.values()):
         failing = ", ".join(name for name, ok in checks.items() if not ok)

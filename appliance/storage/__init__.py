@@ -11,7 +11,9 @@ its effect durable (fsync'd); one that raises `StoreError` has left nothing
 half-done behind. Ids used in paths are checked (`files.check_id`): a bad one
 raises ValueError. An open store holds an exclusive lock on its root, so a
 second store (or process) opening the same root gets a StoreError until the
-first is closed or its process dies.
+first is closed or its process dies. The postgres store is shared by many
+instances: it locks only a root holding its image files, and serialises each
+user's writes in the database instead.
 
 Shared parts live once: `base` (open, lock, key check, atomic sections),
 `files` (durable writes, path checks), `records` (what records contain, case
@@ -21,7 +23,6 @@ primitives (case ids, upserts, listings) are appliance/cases.py.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "sqlite": "appliance.storage.sqlite:SQLiteStore",
     "disk": "appliance.storage.disk:DiskStore",
+    "postgres": "appliance.storage.postgres:PostgresStore",
 }
 
 # Record kinds a clinician logs about a case; image records have none.
@@ -59,8 +61,9 @@ class StoredImage:
 class Store(Protocol):
     """What every storage back end offers: primitives the contract's rules (appliance/cases.py) build on.
 
-    Built as `cls(root: Path, *, case_id_start=10000, sealer=None, outbox=False)`;
-    thread-safe. `storage.base.BaseStore` implements all but the back end's own I/O.
+    Built as `cls(root: Path, *, case_id_start=10000, sealer=None, outbox=False)` plus
+    the back end's own options (`cls.configured(storage_config, bucket_config)`); thread-safe.
+    `storage.base.BaseStore` implements all but the back end's own I/O.
     """
 
     name: str
@@ -71,6 +74,8 @@ class Store(Protocol):
     # record and case record written also becomes a job in the SQLite file at
     # `outbox_path`, never later than its data; the worker reads the data back by name.
     outbox_path: Path
+    # Which worker-side outbox drains it (appliance/sync): "sqlite" (the file at outbox_path) or "postgres".
+    outbox_kind: str
 
     def open(self) -> None:
         """Create or migrate the store, and prove it writable; raise StoreError if not."""
@@ -121,14 +126,19 @@ def open_store(backend: str, root: Path, **options: Any) -> Store:
     return store
 
 
+def outbox_kind(backend: str) -> str:
+    """Which worker-side outbox drains the named back end: "sqlite" (a file) or "postgres" (a table)."""
+    return str(import_from_string(BACKENDS[backend]).outbox_kind)
+
+
 def outbox_location(backend: str, root: Path) -> Path:
     """Where the named back end on `root` keeps its sync outbox, without building or opening a store."""
     return Path(import_from_string(BACKENDS[backend]).outbox_at(root))
 
 
 def takes_images(backend: str) -> bool:
-    """Whether the named back end keeps image bytes through an `images.ImagePlace` (its constructor takes `images`)."""
-    return "images" in inspect.signature(import_from_string(BACKENDS[backend])).parameters
+    """Whether the named back end keeps image bytes apart from its records, so they may live in a bucket."""
+    return bool(import_from_string(BACKENDS[backend]).images_apart)
 
 
 def open_configured_store(storage: StorageConfig, *, outbox: bool, bucket: BucketConfig | None = None) -> Store:
@@ -139,10 +149,6 @@ def open_configured_store(storage: StorageConfig, *, outbox: bool, bucket: Bucke
     """
     from ..buckets.config import BucketConfig
     from .crypto import load_sealer
-    from .images import open_images
-
-    place = {"images": open_images(storage, bucket or BucketConfig(), storage.root)} if (
-        storage.images == "bucket" and takes_images(storage.backend)) else {}
 
     return open_store(
         storage.backend,
@@ -150,5 +156,6 @@ def open_configured_store(storage: StorageConfig, *, outbox: bool, bucket: Bucke
         case_id_start=storage.case_id_start,
         sealer=load_sealer(storage.encrypt, storage.key_file),
         outbox=outbox,
-        **place,
+        # A back end's own keys (postgres: the DSN, timeouts, pool size, the image bucket), read by its module.
+        **import_from_string(BACKENDS[storage.backend]).configured(storage, bucket or BucketConfig()),
     )

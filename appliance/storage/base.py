@@ -15,11 +15,15 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..errors import StoreError
 from .crypto import Sealer, image_binding
 from .files import check_id, lock_root, prepare_root, write_atomic
+
+if TYPE_CHECKING:
+    from ..buckets.config import BucketConfig
+    from .config import StorageConfig
 
 
 @dataclass
@@ -90,6 +94,10 @@ class BaseStore:
     """
 
     name = ""
+    # Which worker-side outbox drains this store (appliance/sync): the SQLite file at `outbox_path`.
+    outbox_kind = "sqlite"
+    # True when image bytes go through an `images.ImagePlace` apart from the records (so may be a bucket).
+    images_apart = False
 
     def __init__(
         self, root: Path, *, case_id_start: int = 10000, sealer: Sealer | None = None, outbox: bool = False
@@ -104,6 +112,11 @@ class BaseStore:
         # Every use of the back end's handles holds this lock: one writer at a time.
         self._lock = threading.Lock()
         self._lock_file: IO[bytes] | None = None
+
+    @classmethod
+    def configured(cls, storage: StorageConfig, bucket: BucketConfig) -> dict[str, Any]:
+        """The constructor options the back end's own [storage] keys set (none but the shared ones here)."""
+        return {}
 
     @staticmethod
     def outbox_at(root: Path) -> Path:

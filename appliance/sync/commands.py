@@ -9,7 +9,7 @@ import sys
 from ..buckets.config import BucketConfig
 from ..errors import ConfigError
 from ..storage.config import StorageConfig
-from ..storage import outbox_location
+from ..storage import outbox_kind, outbox_location
 from .config import SyncConfig
 from .outbox import retry_dead_letters
 from .status import offline_status
@@ -25,9 +25,14 @@ def sync_command(
         print(json.dumps(offline_status(storage, sync), indent=2))
         return 0
     if retry:
-        path = outbox_location(storage.backend, storage.root)
-        count = retry_dead_letters(path)
-        print(f"{count} dead-lettered sync jobs in {path} are due again (with {sync.max_attempts} fresh attempts)")
+        if outbox_kind(storage.backend) == "postgres":
+            from .pgoutbox import offline, retry_dead_letters as retry_in_table
+
+            where, count = offline(storage, retry_in_table)
+        else:
+            path = outbox_location(storage.backend, storage.root)
+            where, count = str(path), retry_dead_letters(path)
+        print(f"{count} dead-lettered sync jobs in {where} are due again (with {sync.max_attempts} fresh attempts)")
         return 0
     if not sync.url:
         raise ConfigError("sync.url: expected a bucket URL to drain to")

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from collections.abc import Callable
 
 from .. import imaging
@@ -35,6 +35,9 @@ from ..storage import Store
 from . import keys
 from .config import SyncConfig
 from .outbox import Backlog, Job, Outbox, iso_time
+
+if TYPE_CHECKING:  # psycopg is imported only when the store is postgres
+    from .pgoutbox import PgOutbox
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class SyncWorker:
     def __init__(
         self,
         store: Store,
-        outbox: Outbox,
+        outbox: Outbox | PgOutbox,
         target: Target,
         config: SyncConfig,
         *,
@@ -303,4 +306,15 @@ def create_worker(sync: SyncConfig, bucket: BucketConfig, store: Store) -> SyncW
 
     target = open_target(sync.url, bucket)
     box_id = sync.box_id or keys.default_box_id()
-    return SyncWorker(store, Outbox(store.outbox_path), target, sync, box_id=box_id)
+    return SyncWorker(store, open_outbox(store), target, sync, box_id=box_id)
+
+
+def open_outbox(store: Store) -> Outbox | PgOutbox:
+    """The worker's side of the store's outbox: the SQLite file at its outbox_path, or the postgres table."""
+    if store.outbox_kind == "postgres":
+        from ..storage.postgres import PostgresStore
+        from .pgoutbox import PgOutbox
+
+        assert isinstance(store, PostgresStore)
+        return PgOutbox(store)
+    return Outbox(store.outbox_path)
