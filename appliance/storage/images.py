@@ -140,7 +140,8 @@ class BucketImages:
                 began, self._down = not self._down, True
             if began:
                 log.warning("image bucket %s does not answer (%s): %s", self.where, action, _first_line(e))
-            raise StoreUnavailable(f"image bucket {self.where} does not answer; try again later") from None
+            # The client learns only that it may retry; which bucket and why are in the log, once per outage.
+            raise StoreUnavailable("the image bucket does not answer; try again later") from None
         with self._down_lock:
             ended, self._down = self._down, False
         if ended:

@@ -223,7 +223,8 @@ class PostgresStore(BaseStore):
             yield
         except (psycopg.OperationalError, PoolTimeout) as e:
             self.health.failed(e)
-            raise StoreUnavailable(f"{action} failed: database {self._label} is unavailable: {one_line(e)}") from e
+            # The client learns only that it may retry; where and why are in the log, once per outage.
+            raise StoreUnavailable("the database does not answer; try again later") from e
         except psycopg.Error as e:
             raise StoreError(f"{action} failed in {self._label}: {one_line(e)}") from e
         except OSError as e:
