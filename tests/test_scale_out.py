@@ -98,7 +98,7 @@ def cluster(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator
                     f"[bucket]\n{bucket.toml()}"
                 )
                 procs.append(stack.enter_context(running(config, DATABASE_URL=database_url)))
-            for proc, port in zip(procs, ports):
+            for proc, port in zip(procs, ports, strict=True):
                 wait_ready(proc, port)
             yield Cluster(ports, procs, bucket, database_url)
     finally:
