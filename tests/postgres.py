@@ -39,7 +39,8 @@ def free_port() -> int:
 class PostgresServer:
     """One initdb'd cluster under a temporary directory; `dsn(dbname)` connects over TCP as `postgres`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, options: str = "") -> None:
+        self.options = options  # more server settings, e.g. "-c ssl=on"
         self.as_root = os.geteuid() == 0
         self.base = Path(tempfile.mkdtemp(prefix="appliance-pg-"))
         if self.as_root:
@@ -61,7 +62,7 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start (or start again, on the same port and data) and wait until it accepts connections."""
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.base}"
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.base} {self.options}"
         self._run(find_tool("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options,
                   "start")
         self.running = True
@@ -75,6 +76,13 @@ class PostgresServer:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def own(self, path: Path, data: bytes, mode: int = 0o600) -> None:
+        """Write a file the server reads (a TLS key must be the server user's, 0600)."""
+        path.write_bytes(data)
+        path.chmod(mode)
+        if self.as_root:
+            shutil.chown(path, "postgres", "postgres")
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
