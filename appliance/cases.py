@@ -12,7 +12,7 @@ from typing import Any
 
 from .storage import Store
 from .storage import records as R
-from .storage.base import Records, Row
+from .storage.base import CaseQuery, Records, Row
 
 
 def next_case_id(store: Store, user_id: str) -> str:
@@ -120,12 +120,7 @@ def list_cases(
     Ordered by `created_at` (ISO strings) descending, ties most recently
     written first; `status` matches case-insensitively; at most `limit` (None: all, the API's `limit=0`).
     """
-    types = R.listed_entry_types(include_uncertain, include_rejected)
-    want = None if status is None else R.status_key(status)
+    query = CaseQuery(R.listed_entry_types(include_uncertain, include_rejected),
+                      None if status is None else R.status_key(status), None if limit is None else int(limit))
     with store.reading(user_id, "listing cases") as records:
-        rows = [
-            row for row in records.case_rows()
-            if row.entry_type in types and (want is None or row.status_key == want)
-        ]
-        rows.sort(key=lambda row: row.order, reverse=True)
-        return [row.load() for row in (rows if limit is None else rows[: max(int(limit), 0)])]
+        return [row.load() for row in records.case_rows(query)]

@@ -44,6 +44,43 @@ class CaseRow:
     load: Callable[[], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class CaseQuery:
+    """Which case records a listing wants: entry types, a status (casefolded), at most `limit`, newest first.
+
+    The SQL back ends run it in the database (`where`); the disk store picks in Python (`pick`).
+    """
+
+    entry_types: tuple[str, ...] | None = None  # None: every entry type
+    status_key: str | None = None  # records.status_key of the status wanted; None: any
+    limit: int | None = None  # None: all
+
+    def where(self, user_id: str | None, mark: str) -> tuple[str, list[Any]]:
+        """The WHERE clause (or "") and its parameters, with `mark` as the placeholder ("?" or "%s")."""
+        terms: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            terms.append(f"user_id = {mark}")
+            params.append(user_id)
+        if self.entry_types is not None:
+            terms.append(f"entry_type IN ({', '.join([mark] * len(self.entry_types))})")
+            params.extend(self.entry_types)
+        if self.status_key is not None:
+            terms.append(f"status_key = {mark}")
+            params.append(self.status_key)
+        return (" WHERE " + " AND ".join(terms) if terms else ""), params
+
+    def pick(self, rows: list[CaseRow]) -> list[CaseRow]:
+        """The rows the query wants, newest first, from every row of the section."""
+        wanted = [row for row in rows if (self.entry_types is None or row.entry_type in self.entry_types)
+                  and (self.status_key is None or row.status_key == self.status_key)]
+        wanted.sort(key=lambda row: row.order, reverse=True)
+        return wanted if self.limit is None else wanted[: max(self.limit, 0)]
+
+
+EVERY_CASE = CaseQuery()
+
+
 class Records(Protocol):
     """One user's counter, records and outbox inside an atomic section of a store.
 
@@ -68,8 +105,8 @@ class Records(Protocol):
     def cases(self, case_id: str) -> list[Row]:
         """Case/uncertain/reject records of that case id (spelled exactly so), in write order."""
 
-    def case_rows(self) -> list[CaseRow]:
-        """Every case/uncertain/reject record of the section's user (or of every user), unordered."""
+    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
+        """The case/uncertain/reject records of the section's user (or of every user) `query` wants, newest first."""
 
     def put_image(self, row: Row) -> None:
         """Write an image record back in place."""

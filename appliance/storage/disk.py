@@ -34,7 +34,7 @@ from ..contract import IMAGE_SUFFIXES
 from ..errors import StoreError
 from . import CASE_ENTRY_TYPES, StoredImage
 from . import records as R
-from .base import BaseStore, CaseRow, Row
+from .base import EVERY_CASE, BaseStore, CaseQuery, CaseRow, Row
 from .crypto import Sealer, envelope_bytes, image_binding, is_sealed_record
 from .files import (
     append_durable,
@@ -334,16 +334,16 @@ class _Records:
     def cases(self, case_id: str) -> list[Row]:
         return [Row(line, line.rec) for line in self.lines if line.is_case and line.case_id_in((case_id,))]
 
-    def case_rows(self) -> list[CaseRow]:
+    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
         dirs = self.store._user_dirs() if self.user_id is None else [self.user_dir]
         # Across users, records with equal `created_at` have no common write order here.
-        return [
+        return query.pick([
             CaseRow((R.created_key(line.rec), pos), line.rec["entry_type"], R.status_key(line.rec.get("status")),
                     _loader(line.rec))
             for user_dir in dirs
             for pos, line in enumerate(self.store._read(user_dir))
             if line.is_case
-        ]
+        ])
 
     def put_image(self, row: Row) -> None:
         row.key.set(row.record)

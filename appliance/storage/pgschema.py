@@ -34,7 +34,7 @@ CREATE TABLE images (
 CREATE INDEX images_by_case ON images (user_id, case_id, seq);
 CREATE TABLE cases (
     seq bigserial PRIMARY KEY, user_id text NOT NULL, case_id text NOT NULL, entry_type text NOT NULL,
-    status_key text NOT NULL, created_at text NOT NULL, record text NOT NULL);
+    status_key text NOT NULL, created_at text COLLATE "C" NOT NULL, record text NOT NULL);
 CREATE INDEX cases_by_case ON cases (user_id, case_id);
 CREATE INDEX cases_by_user_time ON cases (user_id, created_at, seq);
 CREATE INDEX cases_by_time ON cases (created_at, seq);

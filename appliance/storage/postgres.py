@@ -45,7 +45,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..errors import StoreError, StoreUnavailable
 from . import StoredImage
 from . import records as R
-from .base import BaseStore, CaseRow, Row
+from .base import EVERY_CASE, BaseStore, CaseQuery, CaseRow, Row
 from .config import StorageConfig, resolve_database_url
 from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
@@ -442,14 +442,15 @@ class _Records:
             "SELECT seq, record FROM cases WHERE user_id = %s AND case_id = %s ORDER BY seq", self.user_id, case_id
         )
 
-    def case_rows(self) -> list[CaseRow]:
-        # Only the indexed columns: a body is read (and decrypted) once its row is picked.
-        if self.user_id is None:
-            rows = self.conn.execute("SELECT seq, entry_type, status_key, created_at FROM cases").fetchall()
-        else:
-            rows = self.conn.execute(
-                "SELECT seq, entry_type, status_key, created_at FROM cases WHERE user_id = %s", (self.user_id,)
-            ).fetchall()
+    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
+        # Filtered, ordered and limited by the database, on the indexed columns only: a body
+        # is read (and decrypted) once its row is picked. created_at is COLLATE "C": ISO strings
+        # then order by time, as they do in Python and SQLite, whatever the database's locale.
+        where, params = query.where(self.user_id, "%s")
+        sql = f"SELECT seq, entry_type, status_key, created_at FROM cases{where} ORDER BY created_at DESC, seq DESC"
+        if query.limit is not None:
+            sql, params = sql + " LIMIT %s", [*params, max(query.limit, 0)]
+        rows = self.conn.execute(sql, params).fetchall()
         return [
             CaseRow((created_at, seq), entry_type, status_key, partial(self._case_body, seq))
             for seq, entry_type, status_key, created_at in rows

@@ -32,7 +32,7 @@ from sqlite_utils import Database
 from ..errors import StoreError
 from . import StoredImage
 from . import records as R
-from .base import BaseStore, CaseRow, Row
+from .base import EVERY_CASE, BaseStore, CaseQuery, CaseRow, Row
 from .crypto import envelope_bytes, image_binding
 from .files import check_id, make_dir, remove_durable, write_atomic
 from .outbox import create_table as create_outbox_table
@@ -388,11 +388,13 @@ class _Records:
             "SELECT seq, record FROM cases WHERE user_id = ? AND case_id = ? ORDER BY seq", self.user_id, case_id
         )
 
-    def case_rows(self) -> list[CaseRow]:
-        # Only the indexed columns: a body is read (and decrypted) once its row is picked.
-        sql, params = "SELECT seq, entry_type, status_key, created_at FROM cases", []
-        if self.user_id is not None:
-            sql, params = sql + " WHERE user_id = ?", [self.user_id]
+    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
+        # Filtered, ordered and limited by the database, on the indexed columns only: a body
+        # is read (and decrypted) once its row is picked.
+        where, params = query.where(self.user_id, "?")
+        sql = f"SELECT seq, entry_type, status_key, created_at FROM cases{where} ORDER BY created_at DESC, seq DESC"
+        if query.limit is not None:
+            sql, params = sql + " LIMIT ?", [*params, max(query.limit, 0)]
         return [
             CaseRow((created_at, seq), entry_type, status_key, partial(self._case_body, seq))
             for seq, entry_type, status_key, created_at in self.conn.execute(sql, params).fetchall()
