@@ -50,10 +50,10 @@ from .config import StorageConfig, resolve_database_url
 from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
 from .images import ImagePlace, LocalImages, image_key, open_images
+from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, now_iso, check_key, describe_dsn, enqueue, migrate, one_line
+
 if TYPE_CHECKING:
     from ..buckets.config import BucketConfig
-
-from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, now_iso, check_key, describe_dsn, enqueue, migrate, one_line
 
 log = logging.getLogger("appliance.storage")
 
