@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..inference.model import LoadedModel
-from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, SYNC
+from ..keys import CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC
 from ..sync.status import disabled_status
 from .policy import Policy, route_policy
 
@@ -62,9 +62,11 @@ def running_facts(app: web.Application) -> dict[str, Any]:
         "appliance": {"version": __version__, "uptime_s": round(time.time() - state.started_at, 1),
                       "ready": state.ready},
     }
-    if MODEL in app:
-        model = app[MODEL]
-        facts.update(model=model.describe(), runtime=model.runtime.describe(), served_path=served_path(model))
+    if MODELS in app:
+        lifecycle = app[MODELS]
+        model = lifecycle.current
+        facts.update(model={**model.describe(), **lifecycle.describe()}, runtime=model.runtime.describe(),
+                     served_path=served_path(model))
     if SCHEDULER in app:
         scheduler = app[SCHEDULER]
         facts["inference"] = {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
@@ -79,7 +81,7 @@ def running_facts(app: web.Application) -> dict[str, Any]:
 async def info(request: web.Request) -> web.Response:
     """The running model, runtime and settings that matter for answers."""
     app = request.app
-    model = app[MODEL]
+    model = app[MODELS].current
     config = app[CONFIG]
     facts = running_facts(app)
     return web.json_response(

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from ..keys import CONFIG, MODEL, STATE, SYNC
+from ..keys import CONFIG, MODELS, STATE, SYNC
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,14 @@ class ServiceNotifications:
             return
         self._last_status = self.status()
         self.notifier.send("READY=1", f"STATUS={self._last_status}")
+        self.app[MODELS].listeners.append(self.reloaded)
         if self.notifier.enabled:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="systemd-heartbeat")
+
+    def reloaded(self, outcome: object) -> None:
+        """A model reload ended (swapped, refused or unchanged): say so in STATUS= at once."""
+        self._last_status = self.status()
+        self.notifier.send(f"STATUS={self._last_status}")
 
     async def stopping(self, app: web.Application) -> None:
         """Shutdown began: tell systemd before the drain, so `systemctl status` says why we linger (once)."""
@@ -135,13 +141,17 @@ class ServiceNotifications:
 
     def status(self) -> str:
         """One line for `systemctl status`: model, artifact, runtime, address, sync state and backlog."""
-        model = self.app[MODEL].describe()
+        model = self.app[MODELS].current.describe()
         demo = ", DEMO" if model["demo"] else ""
         degraded = ", DEGRADED" if model.get("degraded") else ""
         line = (f"Ready: {model['name']} v{model['version']} ({model['served_path']}{demo}{degraded}) "
                 f"on {model['runtime']}/{model['device']}")
         if self.url:
             line += f" at {self.url}"
+        last = self.app[MODELS].last_reload
+        if last is not None and last.result == "refused":
+            # Stays until a reload succeeds: the operator must see that the new version is not serving.
+            line += f"; reload of v{last.version or '?'} REFUSED: {last.reason}"
         sync = sync_summary(self.app)
         if sync:
             line += f"; {sync}"

@@ -1,0 +1,279 @@
+"""Swapping the served model on a running server: SIGHUP, `appliance reload`, the repository API (issue 14).
+
+The process tests run the real `appliance serve` with four clients posting real
+JPEGs the whole time: a swap must fail none of them, and each answer names the
+version that computed it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from appliance.app import create_app
+from appliance.keys import MODELS
+from appliance.security.auth import ApiKeys, Role
+
+from .conftest import encode, photo, rewrite_manifest
+from .test_serve import ROOT, port_of, post_image, running, wait_ready, write_config
+
+CLIENTS = 4
+
+
+def add_version(model_root: Path, source: Path, version: int, change: Callable[[Path], None] | None = None) -> Path:
+    """Drop version `version` (a copy of `source`, changed by `change`) into `model_root` in one rename."""
+    staging = model_root / f".staging-{version}"
+    shutil.copytree(source, staging)
+    rewrite_manifest(staging, lambda m: m.update(version=version))
+    if change is not None:
+        change(staging)
+    return staging.rename(model_root / str(version))
+
+
+def get_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def metric(port: int, line_start: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith(line_start + " ")]
+    return float(value)
+
+
+class Load:
+    """CLIENTS threads classifying real JPEGs back to back until stopped; every answer's version and every failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.images = [encode(photo(seed=seed)) for seed in range(CLIENTS)]
+        self.versions: list[list[str]] = [[] for _ in range(CLIENTS)]
+        self.failures: list[str] = []
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def _client(self, i: int) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.versions[i].append(post_image(self.port, self.images[i])["model"]["version"])
+            except Exception as exc:  # any failure counts against the swap
+                self.failures.append(f"client {i}: {exc!r}")
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def answered(self) -> int:
+        return sum(len(v) for v in self.versions)
+
+    def wait_for_answers(self, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        start = self.answered()
+        while self.answered() < start + count:
+            assert time.monotonic() < deadline and not self.failures, self.failures
+            time.sleep(0.05)
+
+
+def wait_for_reload(port: int, timeout_s: float = 60) -> dict[str, Any]:
+    """/v1/info's model section once a reload has ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        model = get_json(port, "/v1/info")["model"]
+        if model["last_reload"] is not None:
+            return model
+        time.sleep(0.1)
+    raise AssertionError("no reload ended in time")
+
+
+@pytest.fixture
+def model_root(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A model's directory holding version 1 of the tiny model."""
+    root = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, root / "1")
+    return root
+
+
+def test_sighup_swaps_to_a_new_version_under_load_without_a_failed_request(
+        tmp_path: Path, model_root: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, model_root, "sqlite")
+    port = port_of(config)
+    with running(config) as proc:
+        wait_ready(proc, port)
+        with Load(port) as load:
+            load.wait_for_answers(20)
+            add_version(model_root, tiny_model_dir, 2)
+            sighup = time.monotonic()
+            proc.send_signal(signal.SIGHUP)
+            model = wait_for_reload(port)
+            assert model["version"] == "2" and time.monotonic() - sighup < 30
+            load.wait_for_answers(20)
+        assert load.failures == []
+        for versions in load.versions:  # each client's answers: v1, then v2 from the swap on, never back
+            assert versions == sorted(versions, key=int) and set(versions) <= {"1", "2"}
+        assert {"1", "2"} <= {v for versions in load.versions for v in versions}
+        last = model["last_reload"]
+        assert (last["trigger"], last["version"], last["result"]) == ("SIGHUP", "2", "ok")
+        assert re.fullmatch(r"serving openvino-fp32/\w+ from \S+/tiny/2 \(ready in [\d.]+ s; self-check max "
+                            r"\|dp\| \S+\); v1 retired", last["reason"]), last["reason"]
+        assert get_json(port, "/v1/info")["model"]["available_version"] == "2"
+        assert metric(port, 'appliance_model_reloads_total{result="ok"}') == 1
+        assert metric(port, 'appliance_model_reloads_total{result="refused"}') == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "model reload (SIGHUP): ok v2: serving openvino-fp32/" in log
+    assert "model v1 closed: its last request was answered" in log
+
+
+def _tamper_artifact(version: Path) -> None:
+    with open(version / "openvino" / "fp32" / "model.bin", "ab") as file:
+        file.write(b"\0")
+
+
+def _golden_mismatch(version: Path) -> None:
+    rewrite_manifest(version, lambda m: m["golden"][0].update(probabilities=[1, 0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (_tamper_artifact, r"\S+/tiny/2/openvino/fp32/model\.bin: sha256 \w+… does not match the manifest's \w+…"),
+    (_golden_mismatch, r"self-check failed for openvino-fp32/\w+ on golden/0\.jpg: max \|dp\| .*; refusing to serve: .*"),
+], ids=["tampered-artifact", "golden-mismatch"])
+def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(
+        tmp_path: Path, model_root: Path, tiny_model_dir: Path, change: Callable[[Path], None], reason: str) -> None:
+    config = write_config(tmp_path, model_root, "sqlite")
+    port = port_of(config)
+    with running(config) as proc:
+        wait_ready(proc, port)
+        with Load(port) as load:
+            load.wait_for_answers(12)
+            add_version(model_root, tiny_model_dir, 2, change)
+            proc.send_signal(signal.SIGHUP)
+            model = wait_for_reload(port)
+            load.wait_for_answers(12)
+        assert load.failures == []
+        assert {v for versions in load.versions for v in versions} == {"1"}
+        assert model["version"] == "1"
+        last = model["last_reload"]
+        assert (last["trigger"], last["version"], last["result"]) == ("SIGHUP", "2", "refused")
+        assert re.fullmatch(reason + r"; still serving v1", last["reason"]), last["reason"]
+        assert metric(port, 'appliance_model_reloads_total{result="refused"}') == 1
+        assert metric(port, 'appliance_model_reloads_total{result="ok"}') == 0
+    [line] = [line for line in (tmp_path / "server.log").read_text().splitlines() if "model reload (SIGHUP)" in line]
+    assert "refused v2: " in line and "still serving v1" in line
+
+
+def test_rollback_is_pin_and_appliance_reload(tmp_path: Path, model_root: Path, tiny_model_dir: Path) -> None:
+    add_version(model_root, tiny_model_dir, 2)
+    config = write_config(tmp_path, model_root, "sqlite")
+    port = port_of(config)
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance", "reload", "--config", str(config)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    with running(config) as proc:
+        wait_ready(proc, port)
+        assert post_image(port, encode(photo()))["model"]["version"] == "2"
+        config.write_text(config.read_text().replace("[model]\n", '[model]\npin_version = "1"\n'))
+        done = reload()
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout == (f"sent SIGHUP to the server (pid {proc.pid}): it reloads the model in the background; "
+                               "the outcome is in its log and in /v1/info (model.last_reload)\n")
+        model = wait_for_reload(port)
+        assert (model["version"], model["last_reload"]["result"]) == ("1", "ok")
+        assert post_image(port, encode(photo()))["model"]["version"] == "1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    done = reload()  # the server is gone, and so is its pid file
+    assert done.returncode == 1
+    assert done.stderr == (f"appliance: error: no running server found: {tmp_path / 'data' / 'appliance.pid'} does "
+                           "not exist (is `appliance serve` running with this config's storage.root? Under systemd: "
+                           "systemctl reload appliance)\n")
+
+
+def test_a_pin_naming_no_version_is_refused(tmp_path: Path, model_root: Path) -> None:
+    config = write_config(tmp_path, model_root, "sqlite")
+    port = port_of(config)
+    with running(config) as proc:
+        wait_ready(proc, port)
+        config.write_text(config.read_text().replace("[model]\n", '[model]\npin_version = "7"\n'))
+        proc.send_signal(signal.SIGHUP)
+        model = wait_for_reload(port)
+    assert model["version"] == "1"
+    assert (model["last_reload"]["result"], model["last_reload"]["version"]) == ("refused", "")
+    assert model["last_reload"]["reason"] == f"model.pin_version: '7' is not a version in {model_root} (has: 1)"
+
+
+KEYS = ApiKeys.of({"phones": "k-phones", "boss": "k-boss"}, roles={"boss": Role.ADMIN})
+
+
+async def test_repository_api_loads_with_an_admin_key_only(
+        aiohttp_client: Any, make_config: Any, model_root: Path, tiny_model_dir: Path) -> None:
+    app = create_app(make_config(model__path=str(model_root)), api_keys=KEYS)
+    client: TestClient = await aiohttp_client(app)
+    admin = {"X-API-Key": "k-boss"}
+
+    for path in ("/v2/repository/index", "/v2/repository/models/tiny/load", "/v2/repository/models/tiny/unload"):
+        response = await client.post(path)
+        assert (response.status, await response.json()) == (401, {"error": "Invalid API key"})
+        response = await client.post(path, headers={"X-API-Key": "k-phones"})
+        assert (response.status, await response.json()) == (
+            403, {"error": "Only an admin key may change the served model (the repository API)"})
+
+    add_version(model_root, tiny_model_dir, 2)
+    response = await client.post("/v2/repository/index", headers=admin)
+    assert (response.status, await response.json()) == (200, [
+        {"name": "tiny", "version": "1", "state": "READY", "reason": ""},
+        {"name": "tiny", "version": "2", "state": "UNAVAILABLE", "reason": "not loaded"}])
+    response = await client.post("/v2/repository/models/melanoma-net/load", headers=admin)
+    assert (response.status, await response.json()) == (
+        404, {"error": "Unknown model 'melanoma-net'; this appliance serves 'tiny'"})
+
+    response = await client.post("/v2/repository/models/tiny/load", headers=admin)
+    assert (response.status, await response.json()) == (200, {})
+    assert app[MODELS].current.manifest.version == "2"
+    response = await client.get("/v2/models/tiny", headers=admin)
+    assert (await response.json())["versions"] == ["2"]
+    response = await client.post("/v2/repository/models/tiny/load", headers=admin)  # nothing new: nothing swapped
+    assert (response.status, await response.json()) == (200, {})
+    assert app[MODELS].last_reload is not None and app[MODELS].last_reload.result == "unchanged"
+
+    response = await client.post("/v2/repository/models/tiny/unload", headers=admin)
+    assert (response.status, await response.json()) == (409, {
+        "error": "Model 'tiny' is the only model served and cannot be unloaded; to serve another version, set "
+                 "model.pin_version and load it (POST .../load)"})
+
+    add_version(model_root, tiny_model_dir, 3, _golden_mismatch)
+    response = await client.post("/v2/repository/models/tiny/load", headers=admin)
+    body = await response.json()
+    assert response.status == 422 and body["error"].startswith("Version 3 refused: self-check failed for ")
+    assert body["error"].endswith("; still serving v2")
+    assert app[MODELS].current.manifest.version == "2"
+
+
+async def test_repository_api_with_no_keys_answers_loopback(aiohttp_client: Any, make_config: Any,
+                                                            model_root: Path) -> None:
+    client: TestClient = await aiohttp_client(create_app(make_config(model__path=str(model_root)),
+                                                         api_keys=ApiKeys()))
+    response = await client.post("/v2/repository/models/tiny/load")
+    assert (response.status, await response.json()) == (200, {})
