@@ -8,9 +8,11 @@ version that computed it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -277,3 +279,26 @@ async def test_repository_api_with_no_keys_answers_loopback(aiohttp_client: Any,
                                                          api_keys=ApiKeys()))
     response = await client.post("/v2/repository/models/tiny/load")
     assert (response.status, await response.json()) == (200, {})
+
+
+def test_systemd_hears_a_refused_reload_in_status(tmp_path: Path, model_root: Path, tiny_model_dir: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = f"@appliance-lifecycle-{os.getpid()}-{time.monotonic_ns()}"
+    sock.bind("\0" + address[1:])
+    sock.settimeout(60)
+    config = write_config(tmp_path, model_root, "sqlite")
+    port = port_of(config)
+    ready = f"Ready: tiny v1 (openvino-fp32/fast, DEMO) on openvino/CPU at http://127.0.0.1:{port}"
+    with sock, running(config, NOTIFY_SOCKET=address) as proc:
+        assert sock.recv(4096).decode().startswith("STATUS=Starting")
+        assert sock.recv(4096).decode().split("\n") == ["READY=1", f"STATUS={ready}"]
+        add_version(model_root, tiny_model_dir, 2, _golden_mismatch)
+        proc.send_signal(signal.SIGHUP)
+        [status] = sock.recv(4096).decode().split("\n")
+        assert status.startswith(f"STATUS={ready}; reload of v2 REFUSED: self-check failed for openvino-fp32/fast on "
+                                 "golden/0.jpg: ")
+        assert status.endswith("; still serving v1")
+        shutil.rmtree(model_root / "2")
+        add_version(model_root, tiny_model_dir, 3)
+        proc.send_signal(signal.SIGHUP)
+        assert sock.recv(4096).decode().split("\n") == [f"STATUS={ready.replace('v1', 'v3')}"]

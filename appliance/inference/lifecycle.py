@@ -101,6 +101,9 @@ class ModelLifecycle:
         def outcome(version: str, result: Result, reason: str) -> ReloadOutcome:
             return ReloadOutcome(time.time(), trigger, version, result, reason)
 
+        if self._retiring:
+            # Two models in memory at most: a version swapped out must be closed before another one loads.
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         try:
             directory = await asyncio.to_thread(self._pick)
         except ApplianceError as exc:
