@@ -49,7 +49,7 @@ from .keys import (
     Executors,
     State,
 )
-from .modelfetch import model_source
+from .modelfetch import fetch_model, mark_verified, model_source
 from .ops.memory import IdleTrimmer, find_malloc_trim
 from .ops.metrics import Metrics
 from .security.auth import ApiKeys, load_api_keys
@@ -123,7 +123,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None, config_path: 
     app.add_routes(ops.routes)
     app.add_subapp(kserve.PREFIX, kserve.create_kserve_app())
     app.add_routes(openapi.routes)
-    app.cleanup_ctx.extend([_executors, _model, _store, _sync, _clinic, _memory])
+    app.cleanup_ctx.extend([_executors, _model, _store, _sync, _clinic, _rollout, _memory])
     app.on_shutdown.append(_not_ready)
     guards.setup_cors(app, config.server.allowed_origins)  # last: it covers every route added above
     return app
@@ -159,12 +159,27 @@ class _ModelSettings:
         self.path = path
         self.model: ModelConfig = config.model
 
+    def first(self) -> Path:
+        """The version directory to start with: model.path's, or model.url fetched and verified."""
+        return resolve_model_dir(model_source(self.model, self.config.bucket), self.model.pin_version)
+
     def pick(self) -> Path:
-        """Re-read [model] (pin_version may have changed), fetch model.url if set, name the version directory."""
+        """Re-read [model] (pin_version may have changed), fetch model.url if set, name the version directory.
+
+        A fetched copy becomes the cache's verified one only once it passed its self-check (`commit`).
+        """
         if self.path is not None:
             self.model = load_config(self.path).model  # a broken file refuses the reload, naming the key
-        source = model_source(self.model, self.config.bucket)  # model.path, or model.url fetched and verified
-        return resolve_model_dir(source, self.model.pin_version)
+        model = self.model
+        if not model.url:
+            return resolve_model_dir(model.path, model.pin_version)
+        fetched = fetch_model(model.url, model.cache_dir, self.config.bucket, model.trusted_keys, mark=False)
+        return resolve_model_dir(fetched, model.pin_version)
+
+    def commit(self, directory: Path) -> None:
+        """`directory` passed: with model.url, a restart now loads it too."""
+        if self.model.url:
+            mark_verified(self.model.url, self.model.cache_dir, directory)
 
     def load(self, directory: Path) -> LoadedModel:
         """Load, verify, warm up and self-check one version directory (blocking)."""
@@ -181,7 +196,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     settings = app[MODEL_SETTINGS]
     loop = asyncio.get_running_loop()
     inference = app[EXECUTORS].inference
-    model = await loop.run_in_executor(inference, lambda: settings.load(settings.pick()))
+    model = await loop.run_in_executor(inference, lambda: settings.load(settings.first()))
     if model.manifest.demo:
         log.warning("serving the DEMO model: its answers are not medical predictions")
     scheduler = Scheduler(
@@ -194,7 +209,7 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     )
     scheduler.start()
     lifecycle = ModelLifecycle(model, scheduler, pick=settings.pick, load=settings.load, close_executor=inference,
-                               on_swap=lambda new: _serve_model(app, new))
+                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit)
     lifecycle.listeners.append(lambda outcome: _count_reload(app, outcome))
     app[MODELS] = lifecycle
     app[SCHEDULER] = scheduler
@@ -234,6 +249,19 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
     app[STATE].ready = True
     yield
     app[STATE].ready = False
+
+
+async def _rollout(app: web.Application) -> AsyncIterator[None]:
+    """With model.url and model.poll_interval_s, look for a new version in the bucket and swap it in once it passed."""
+    model = app[CONFIG].model
+    if not model.url or model.poll_interval_s <= 0:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(app[MODELS].poll(model.poll_interval_s), name="model-poll")
+    log.info("model.url: looking for a new version of %s every %g s", model.url, model.poll_interval_s)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _memory(app: web.Application) -> AsyncIterator[None]:

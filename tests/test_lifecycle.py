@@ -7,7 +7,9 @@ version that computed it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -29,8 +32,10 @@ from appliance.app import create_app
 from appliance.keys import MODELS
 from appliance.security.auth import ApiKeys, Role
 
+from .buckets import Bucket, Server
 from .conftest import encode, photo, rewrite_manifest
 from .test_serve import ROOT, port_of, post_image, running, wait_ready, write_config
+from .test_sync_models import model_config, publish
 
 CLIENTS = 4
 
@@ -258,7 +263,8 @@ async def test_repository_api_loads_with_an_admin_key_only(
     assert (await response.json())["versions"] == ["2"]
     response = await client.post("/v2/repository/models/tiny/load", headers=admin)  # nothing new: nothing swapped
     assert (response.status, await response.json()) == (200, {})
-    assert app[MODELS].last_reload is not None and app[MODELS].last_reload.result == "unchanged"
+    last = app[MODELS].last_reload
+    assert last is not None and last.result == "unchanged"
 
     response = await client.post("/v2/repository/models/tiny/unload", headers=admin)
     assert (response.status, await response.json()) == (409, {
@@ -302,3 +308,65 @@ def test_systemd_hears_a_refused_reload_in_status(tmp_path: Path, model_root: Pa
         add_version(model_root, tiny_model_dir, 3)
         proc.send_signal(signal.SIGHUP)
         assert sock.recv(4096).decode().split("\n") == [f"STATUS={ready.replace('v1', 'v3')}"]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_bucket_rollout_serves_a_new_version_after_the_next_poll_and_survives_the_bucket_going_away(
+        aiohttp_client: Any, make_config: Any, tmp_path: Path, tiny_model_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = Server("s3", tmp_path / "moto")  # this test's own: it stops it
+    server.start()
+    try:
+        bucket = Bucket(server, "fleet-models", tmp_path)
+        bucket.create()
+        versions = tmp_path / "versions"
+        for version, change in ((1, None), (2, None), (3, _golden_mismatch)):
+            add_version(versions, tiny_model_dir, version, change)
+        publish(bucket, versions / "1")
+        config = model_config(make_config, bucket, tmp_path, model__poll_interval_s=0.2, bucket__timeout_s=2.0)
+        app = create_app(config)
+        client: TestClient = await aiohttp_client(app)
+        lifecycle = app[MODELS]
+        assert lifecycle.current.manifest.version == "1"
+
+        publish(bucket, versions / "2")
+        await wait_until(lambda: lifecycle.current.manifest.version == "2")
+        info = await (await client.get("/v1/info")).json()
+        assert (info["model"]["version"], info["model"]["available_version"]) == ("2", "2")
+        assert (info["model"]["last_reload"]["trigger"], info["model"]["last_reload"]["result"]) == ("poll", "ok")
+        cache = lifecycle.version_dir.parent
+        assert json.loads((cache / "verified.json").read_text())["dir"] == lifecycle.version_dir.name
+
+        publish(bucket, versions / "3")  # fails its self-check: refused once, never marked, not fetched again
+        await wait_until(lambda: lifecycle.last_reload is not None and lifecycle.last_reload.result == "refused")
+        refused = lifecycle.last_reload
+        copies = sorted(cache.iterdir())
+        with caplog.at_level(logging.DEBUG, logger="appliance.inference.lifecycle"):
+            caplog.clear()
+            await wait_until(lambda: sum("was refused before; not loaded again" in r.getMessage()
+                                         for r in caplog.records) >= 3)
+        assert sorted(cache.iterdir()) == copies and lifecycle.last_reload == refused
+        info = await (await client.get("/v1/info")).json()
+        assert (info["model"]["version"], info["model"]["available_version"]) == ("2", "3")
+        assert json.loads((cache / "verified.json").read_text())["dir"] == lifecycle.version_dir.name
+    finally:
+        server.stop()
+    # The bucket is gone: polls keep failing to reach it, and the box serves v2 on.
+    with caplog.at_level(logging.WARNING, logger="appliance.modelfetch"):
+        caplog.clear()
+        await wait_until(lambda: sum("cannot fetch" in r.getMessage() for r in caplog.records) >= 3)
+    assert lifecycle.current.manifest.version == "2" and lifecycle.last_reload == refused
+    assert sorted(cache.iterdir()) == copies
+    form = aiohttp.FormData()
+    form.add_field("file", encode(photo()), filename="a.jpg", content_type="image/jpeg")
+    response = await client.post("/check-image", data=form, headers={"X-User-Id": "u1"})
+    assert response.status == 200 and (await response.json())["model"]["version"] == "2"
+    metrics = await (await client.get("/metrics")).text()
+    assert 'appliance_model_reloads_total{result="ok"} 1.0' in metrics
+    assert 'appliance_model_reloads_total{result="refused"} 1.0' in metrics

@@ -14,6 +14,7 @@ it. At most two models are in memory, and only during a swap.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ApplianceError
+from ..modeldir import MANIFEST
 from .model import LoadedModel
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 Result = Literal["ok", "refused", "unchanged"]
+POLL = "poll"  # the trigger name of model.poll_interval_s's reloads
 
 
 class ModelConflict(ApplianceError):
@@ -58,13 +61,16 @@ class ModelLifecycle:
 
     def __init__(self, model: LoadedModel, scheduler: Scheduler, *, pick: Callable[[], Path],
                  load: Callable[[Path], LoadedModel], close_executor: Executor,
-                 on_swap: Callable[[LoadedModel], None] = lambda model: None) -> None:
+                 on_swap: Callable[[LoadedModel], None] = lambda model: None,
+                 commit: Callable[[Path], None] = lambda directory: None) -> None:
         self.current = model
         self.scheduler = scheduler
         self._pick = pick  # blocking: re-read the settings, fetch if needed, name the version directory
         self._load = load  # blocking: load, verify, warm up, self-check (ModelError on any failure)
         self._close_executor = close_executor  # the inference thread: a runtime closes between its batches
         self._on_swap = on_swap
+        self._commit = commit  # blocking: a version that passed becomes the one a restart loads (model.url's cache)
+        self._refused: set[Path] = set()  # the poll does not load these again; an operator's reload does
         # Told every outcome (metrics, systemd's STATUS=); a listener's failure never fails a reload.
         self.listeners: list[Callable[[ReloadOutcome], None]] = []
         self._lock = asyncio.Lock()  # one reload at a time; a second trigger waits and re-reads
@@ -84,9 +90,15 @@ class ModelLifecycle:
         return self.current.manifest.directory
 
     async def reload(self, trigger: str) -> ReloadOutcome:
-        """Re-read the model directory and serve the version it names, if it passes every check; never raises."""
+        """Re-read the model directory and serve the version it names, if it passes every check; never raises.
+
+        Trigger "poll" (the bucket poll) is quiet when nothing changed: no log line, no record, no count.
+        """
         async with self._lock:
             outcome = await self._reload(trigger)
+        if trigger == POLL and outcome.result == "unchanged":
+            log.debug("model poll: %s", outcome.reason)
+            return outcome
         self.last_reload = outcome
         line = f"model reload ({trigger}): {outcome.result} v{outcome.version or '?'}: {outcome.reason}"
         (log.warning if outcome.result == "refused" else log.info)("%s", line)
@@ -105,21 +117,30 @@ class ModelLifecycle:
             # Two models in memory at most: a version swapped out must be closed before another one loads.
             await asyncio.gather(*self._retiring, return_exceptions=True)
         try:
-            directory = await asyncio.to_thread(self._pick)
+            directory = (await asyncio.to_thread(self._pick)).resolve()
         except ApplianceError as exc:
             return outcome("", "refused", exc.detail)
-        if directory.resolve() == self.version_dir.resolve():
+        self.available = _version_of(directory) or self.available
+        if directory == self.version_dir.resolve():
             return outcome(self.current.manifest.version, "unchanged", f"already serving {directory}")
+        if trigger == POLL and directory in self._refused:
+            return outcome(self.available, "unchanged", f"{directory} was refused before; not loaded again")
         started = time.monotonic()
         try:
             # Not on the inference thread: serving goes on while the new version loads and checks itself.
             model = await asyncio.to_thread(self._load, directory)
         except ApplianceError as exc:
-            return outcome(directory.name, "refused", f"{exc.detail}; still serving v{self.current.manifest.version}")
+            self._refused.add(directory)
+            return outcome(self.available, "refused", f"{exc.detail}; still serving v{self.current.manifest.version}")
         except Exception as exc:  # a runtime's own error: refused all the same, never served
             log.exception("loading %s failed", directory)
-            return outcome(directory.name, "refused",
+            self._refused.add(directory)
+            return outcome(self.available, "refused",
                            f"{type(exc).__name__}: {exc}; still serving v{self.current.manifest.version}")
+        try:
+            await asyncio.to_thread(self._commit, directory)
+        except Exception:  # the cache keeps naming the old copy: a restart would serve that one, still verified
+            log.exception("cannot record %s as the verified copy", directory)
         old = self.current
         self.current = model  # the swap: requests from now on start on the new version
         self._on_swap(model)
@@ -136,9 +157,23 @@ class ModelLifecycle:
         await asyncio.get_running_loop().run_in_executor(self._close_executor, old.runtime.close)
         log.info("model v%s closed: its last request was answered", old.manifest.version)
 
+    async def poll(self, interval_s: float) -> None:
+        """Reload every `interval_s` seconds (the bucket rollout, `model.poll_interval_s`) until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.reload(POLL)
+
     async def close(self) -> None:
         """Wait for retiring versions to close (each waits only for requests already running), then the current."""
         if self._retiring:
             # The scheduler has stopped by now (its jobs answered 503), so each retiring version drains at once.
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._close_executor, self.current.runtime.close)
+
+
+def _version_of(directory: Path) -> str:
+    """The manifest's version of a version directory, read without checking anything ("" if unreadable)."""
+    try:
+        return str(json.loads((directory / MANIFEST).read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
