@@ -58,6 +58,8 @@ TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library canno
 # Per request: its id (echoed as X-Request-Id) and the name of the API key it presented.
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY_NAME = web.RequestKey("key_name", str)
+# Per classification: the model name, version and served path that answered (its log line carries them).
+ANSWERED_BY = web.RequestKey("answered_by", dict)
 SYNC = web.AppKey("sync", SyncWorker)  # present only when sync.enabled
 
 # Set on a sub-app whose protocol names its error field otherwise (KServe v2: "error"); else "detail".

@@ -8,6 +8,7 @@ version that computed it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -150,6 +151,10 @@ def test_sighup_swaps_to_a_new_version_under_load_without_a_failed_request(
     log = (tmp_path / "server.log").read_text()
     assert "model reload (SIGHUP): ok v2: serving openvino-fp32/" in log
     assert "model v1 closed: its last request was answered" in log
+    classified = [json.loads(line) for line in log.splitlines() if '"route": "/check-image"' in line]
+    assert len(classified) == load.answered()  # each classification's log line names its model
+    assert {(c["model"], c["model_version"], c["served_path"]) for c in classified} == {
+        ("tiny", "1", "openvino-fp32/fast"), ("tiny", "2", "openvino-fp32/fast")}
 
 
 def _tamper_artifact(version: Path) -> None:
@@ -370,3 +375,23 @@ async def test_bucket_rollout_serves_a_new_version_after_the_next_poll_and_survi
     metrics = await (await client.get("/metrics")).text()
     assert 'appliance_model_reloads_total{result="ok"} 1.0' in metrics
     assert 'appliance_model_reloads_total{result="refused"} 1.0' in metrics
+
+
+async def test_every_answer_names_the_model_that_computed_it(aiohttp_client: Any, make_config: Any) -> None:
+    client: TestClient = await aiohttp_client(create_app(make_config()))
+    form = aiohttp.FormData()
+    form.add_field("file", encode(photo()), filename="a.jpg", content_type="image/jpeg")
+    response = await client.post("/check-image", data=form, headers={"X-User-Id": "u1"})
+    body = await response.json()
+    assert response.status == 200 and set(body) == {  # the contract's fields, and only the ones it had
+        "status", "message", "blur_score", "predictions", "image_id", "case_id", "user_id", "user_role",
+        "low_confidence", "model"}
+    named = (response.headers["X-Model-Name"], response.headers["X-Model-Version"], response.headers["X-Served-Path"])
+    assert named == (body["model"]["name"], body["model"]["version"], body["model"]["served_path"]) == (
+        "tiny", "1", "openvino-fp32/fast")
+    payload = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(encode(photo())).decode()]}]}
+    response = await client.post("/v2/models/tiny/infer", json=payload)
+    body = await response.json()
+    assert (body["model_name"], body["model_version"]) == ("tiny", "1")
+    assert (response.headers["X-Model-Version"], response.headers["X-Served-Path"]) == ("1", "openvino-fp32/fast")

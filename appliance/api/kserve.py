@@ -40,6 +40,7 @@ from ..keys import API_KEYS, CLINIC, CONFIG, ERROR_FIELD, EXECUTORS, KEY_NAME, M
 from ..security.auth import Role, is_loopback
 from . import loads_strict
 from .clinic import within_body_timeout
+from .ops import name_answer
 from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()  # paths under PREFIX
@@ -143,7 +144,7 @@ async def infer(request: web.Request) -> web.Response:
         else:
             assert parsed.tensor is not None
             probabilities = await classifier.classify_tensors(parsed.tensor)
-    return render_response(model.manifest, parsed, probabilities)
+    return name_answer(request, render_response(model.manifest, parsed, probabilities), classifier.model_info)
 
 
 @routes.post("/repository/index")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..inference.model import LoadedModel
-from ..keys import CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC
+from ..keys import ANSWERED_BY, CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC
 from ..sync.status import disabled_status
 from .policy import Policy, route_policy
 
@@ -98,6 +98,19 @@ async def info(request: web.Request) -> web.Response:
             "sync": facts["sync"] or disabled_status(),
         }
     )
+
+
+def name_answer(request: web.Request, response: web.Response, model: dict[str, Any]) -> web.Response:
+    """Name the model that computed `response` (a `LoadedModel.describe()`): headers, and the request's log line.
+
+    Headers, not body fields: the clinic contract's answer keeps its shape, and any client can read them.
+    """
+    answered = {"model": str(model["name"]), "model_version": str(model["version"]),
+                "served_path": str(model["served_path"])}
+    request[ANSWERED_BY] = answered
+    response.headers.update({"X-Model-Name": answered["model"], "X-Model-Version": answered["model_version"],
+                             "X-Served-Path": answered["served_path"]})
+    return response
 
 
 def served_path(model: LoadedModel) -> dict[str, Any]:
