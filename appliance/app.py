@@ -183,8 +183,17 @@ class _ModelSettings:
 
     def load(self, directory: Path) -> LoadedModel:
         """Load, verify, warm up and self-check one version directory (blocking)."""
-        return load_model(directory, wanted_path(dataclasses.replace(self.config, model=self.model)), self.config.runtime.selected,
-                          max_batch=self.config.inference.max_batch, trusted_keys=self.model.trusted_keys)
+        return load_model(directory, wanted_path(dataclasses.replace(self.config, model=self.model)),
+                          self.config.runtime.selected, max_batch=self.config.inference.max_batch,
+                          trusted_keys=self.model.trusted_keys, measure_in=self.timings_dir())
+
+    def timings_dir(self) -> Path | None:
+        """Where path timings are cached (model.measure_paths): beside the compiled-model cache if the back end
+        has one (runtime.<name>.cache_dir), else model.cache_dir."""
+        if not self.model.measure_paths:
+            return None
+        compiled = getattr(self.config.runtime.selected, "cache_dir", None)  # each back end's own table decides
+        return Path(compiled) if compiled is not None else self.model.cache_dir
 
 
 MODEL_SETTINGS = web.AppKey("model_settings", _ModelSettings)

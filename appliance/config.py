@@ -57,6 +57,8 @@ class ModelConfig:
     pin_version: str = ""
     # Seconds between looks at model.url for a new version (0 = only at start and on reload).
     poll_interval_s: float = setting(0.0, Check("0 (off) or a number of seconds", at_least=0))
+    # `auto` by measurement: time the paths that met their bar on this machine at a version's first start.
+    measure_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.pin_version and not self.pin_version.isdigit():

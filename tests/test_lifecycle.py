@@ -395,3 +395,29 @@ async def test_every_answer_names_the_model_that_computed_it(aiohttp_client: Any
     body = await response.json()
     assert (body["model_name"], body["model_version"]) == ("tiny", "1")
     assert (response.headers["X-Model-Version"], response.headers["X-Served-Path"]) == ("1", "openvino-fp32/fast")
+
+
+async def test_auto_serves_the_path_measured_fastest_here_and_caches_the_timings(
+        aiohttp_client: Any, make_config: Any, tmp_path: Path) -> None:
+    cache = tmp_path / "compiled"
+    config = make_config(model__measure_paths=True, runtime__openvino__cache_dir=str(cache))
+    app = create_app(config)
+    first: TestClient = await aiohttp_client(app)
+    [file] = cache.glob("path-timings-tiny-1-*.json")
+    timings = json.loads(file.read_text())["ms_per_image"]
+    assert set(timings) == {"onnx-fp32/fast", "onnx-fp32/exact", "openvino-fp32/fast", "openvino-fp32/exact"}
+    served = app[MODELS].current
+    assert timings[served.served.key] == min(timings.values())
+    assert served.choice.reason == (f"fastest measured on this machine of 4 path(s) that met the bar: "
+                                    f"{min(timings.values()):.1f} ms/img decode + inference (timings in {file})")
+
+    # The next start reads the cache instead of measuring: what it says is fastest is served.
+    timings["onnx-fp32/exact"] = 0.01
+    file.write_text(json.dumps({"ms_per_image": timings}))
+    await first.close()  # the store is one process's at a time
+    app = create_app(config)
+    client: TestClient = await aiohttp_client(app)
+    assert app[MODELS].current.served.key == "onnx-fp32/exact"
+    info = await (await client.get("/v1/info")).json()
+    assert info["served_path"]["key"] == "onnx-fp32/exact"
+    assert info["served_path"]["why"].startswith("fastest measured on this machine of 4 path(s) that met the bar: 0.0 ms")

@@ -24,6 +24,7 @@ from ..errors import ModelError
 from ..modeldir import MANIFEST, Artifact, Manifest as Manifest, ServedPath, verify_files
 from .paths import Choice, Wanted, choose_path, legacy_paths
 from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
+from .timing import measured_choice, timings_file
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +145,26 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
 
 def load_model(
     path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = (),
-    pin_version: str = "",
+    pin_version: str = "", measure_in: Path | None = None,
 ) -> LoadedModel:
     """Resolve (`pin_version` or the highest), verify (signature by one of `trusted_keys` when given), choose the
-    served path, load, warm up and self-check; raise ModelError on any failure."""
+    served path (by timing them on this machine, cached in `measure_in`, when given), load, warm up and
+    self-check; raise ModelError on any failure."""
     directory = resolve_model_dir(path, pin_version)
     manifest = read_manifest(directory, trusted_keys)
     runtime = create_runtime(wanted.runtime, runtime_config)
-    choice = choose(manifest, wanted, type(runtime).formats)
+    formats = type(runtime).formats
+    choice = choose(manifest, wanted, formats)
+    verify_files(directory, manifest.golden_sha256, "golden image")
+    candidates = [p for p in manifest.served_paths
+                  if p.passed and wanted.allows(p) and manifest.artifacts[p.artifact].format in formats]
+    if measure_in is not None and not choice.degraded and len(candidates) > 1:
+        for artifact_key in sorted({p.artifact for p in candidates}):  # nothing unverified runs, timed or served
+            verify_files(directory, manifest.artifacts[artifact_key].files, f"artifact {artifact_key}")
+        cache = timings_file(measure_in, manifest, wanted.runtime, wanted.precision, runtime.describe()["device"])
+        choice = measured_choice(manifest, candidates, lambda: create_runtime(wanted.runtime, runtime_config), cache)
     artifact = manifest.artifacts[choice.path.artifact]
     verify_files(directory, artifact.files, f"artifact {artifact.key}")
-    verify_files(directory, manifest.golden_sha256, "golden image")
     runtime.load(directory / artifact.file)
     model = LoadedModel(manifest, artifact, runtime, choice)
     try:
