@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Result = Literal["ok", "refused", "unchanged"]
 POLL = "poll"  # the trigger name of model.poll_interval_s's reloads
+CLOSE_WAIT_S = 10.0  # at shutdown, how long a swapped-out version may take to close
 
 
 class ModelConflict(ApplianceError):
@@ -166,8 +167,9 @@ class ModelLifecycle:
     async def close(self) -> None:
         """Wait for retiring versions to close (each waits only for requests already running), then the current."""
         if self._retiring:
-            # The scheduler has stopped by now (its jobs answered 503), so each retiring version drains at once.
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+            # The scheduler has stopped by now (its jobs answered 503), so each retiring version drains at once;
+            # the bound only guards against a request that never ended.
+            await asyncio.wait(self._retiring, timeout=CLOSE_WAIT_S)
         await asyncio.get_running_loop().run_in_executor(self._close_executor, self.current.runtime.close)
 
 

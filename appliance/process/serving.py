@@ -60,8 +60,8 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
     reloads: set[asyncio.Task[object]] = set()
 
     def reload() -> None:
-        if MODELS not in app or stop.is_set():
-            log.warning("SIGHUP ignored: the model is still loading, or the server is stopping")
+        if not app[STATE].ready or stop.is_set():  # ready: the model, and the clinic a swap updates, are up
+            log.warning("SIGHUP ignored: the server is still starting, or stopping")
             return
         task: asyncio.Task[object] = loop.create_task(app[MODELS].reload("SIGHUP"), name="model-reload")
         reloads.add(task)  # referenced until done: the loop keeps only weak references to tasks
