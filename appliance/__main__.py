@@ -198,7 +198,7 @@ def check_config(config: Config) -> int:
         directory = cached_model_dir(config.model.url, Path(config.model.cache_dir))
         origin = f"{config.model.url} (fetched at start; {'cached at ' + str(directory) if directory else 'nothing cached yet'})"
     else:
-        directory = resolve_model_dir(config.model.path)
+        directory = resolve_model_dir(config.model.path, config.model.pin_version)
         origin = str(directory)
     model = "model not checked"
     if directory is not None:

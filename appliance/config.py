@@ -64,6 +64,9 @@ class ModelConfig:
         if self.pin_version and not self.pin_version.isdigit():
             raise ConfigError(f"model.pin_version: expected a version directory's number, or \"\" for the highest; "
                               f"got {self.pin_version!r}")
+        if self.pin_version and self.url:
+            raise ConfigError(f"model.pin_version: pins a version of model.path; with model.url, point the URL at "
+                              f"that version instead ({self.url.rstrip('/')}/{self.pin_version}) and set pin_version = \"\"")
 
 
 @dataclass(frozen=True)

@@ -421,3 +421,30 @@ async def test_auto_serves_the_path_measured_fastest_here_and_caches_the_timings
     info = await (await client.get("/v1/info")).json()
     assert info["served_path"]["key"] == "onnx-fp32/exact"
     assert info["served_path"]["why"].startswith("fastest measured on this machine of 4 path(s) that met the bar: 0.0 ms")
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"pin_version": "v2"}, "model.pin_version: expected a version directory's number, or \"\" for the highest; got 'v2'"),
+    ({"pin_version": "2", "url": "s3://fleet/models/tiny"},
+     "model.pin_version: pins a version of model.path; with model.url, point the URL at that version instead "
+     "(s3://fleet/models/tiny/2) and set pin_version = \"\""),
+    ({"poll_interval_s": -1}, "model.poll_interval_s: expected 0 (off) or a number of seconds; got -1.0"),
+    ({"measure_paths": "sometimes"}, "model.measure_paths: expected true or false; got 'sometimes'"),
+], ids=["pin-not-a-number", "pin-with-url", "negative-poll", "measure-not-bool"])
+def test_model_lifecycle_keys_name_what_is_wrong(model: dict[str, Any], message: str) -> None:
+    from appliance.config import parse_config
+    from appliance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"model": model})
+    assert caught.value.detail == message
+
+
+def test_check_config_checks_the_pinned_version(tmp_path: Path, model_root: Path, tiny_model_dir: Path) -> None:
+    add_version(model_root, tiny_model_dir, 2)
+    config = write_config(tmp_path, model_root, "sqlite")
+    config.write_text(config.read_text().replace("[model]\n", '[model]\npin_version = "1"\n'))
+    done = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("config OK: model tiny v1 (openvino-fp32/fast, DEMO) from "
+                                                           f"{model_root / '1'};"), done.stdout + done.stderr
