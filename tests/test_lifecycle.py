@@ -448,3 +448,36 @@ def test_check_config_checks_the_pinned_version(tmp_path: Path, model_root: Path
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("config OK: model tiny v1 (openvino-fp32/fast, DEMO) from "
                                                            f"{model_root / '1'};"), done.stdout + done.stderr
+
+
+async def test_during_a_swap_a_batch_holds_one_versions_jobs_and_the_old_one_drains(tiny_model_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from appliance.inference.scheduler import Scheduler
+
+    from .test_scheduler import GatedRuntime
+
+    old, new = GatedRuntime(tiny_model_dir / "model.onnx"), GatedRuntime(tiny_model_dir / "model.onnx")
+    with ThreadPoolExecutor(1) as pool:
+        scheduler = Scheduler(old, pool, max_batch=8, max_wait_s=0.001, queue_size=16)  # type: ignore[arg-type]
+        scheduler.start()
+        rng = np.random.default_rng(3)
+        tensors = [rng.normal(size=(3, 224, 224)).astype(np.float32) for _ in range(6)]
+        first = scheduler.submit(tensors[0], old)  # held at old's gate: the rest queue up behind it
+        await asyncio.sleep(0.05)
+        rest = [scheduler.submit(t, runtime) for t, runtime in zip(tensors[1:], [old, new, old, new, new], strict=True)]
+        drained = asyncio.ensure_future(scheduler.drained(old))  # type: ignore[arg-type]
+        new.go.set()
+        await asyncio.sleep(0.05)
+        assert not drained.done() and scheduler.busy_with(old)  # type: ignore[arg-type]
+        old.go.set()
+        results = await asyncio.gather(first, *rest)
+        await asyncio.wait_for(drained, 10)
+        assert not scheduler.busy_with(old)  # type: ignore[arg-type]
+        # Old's jobs ran on old only, new's on new only, each in batches of its own.
+        assert sum(old.batch_sizes) == 3 and sum(new.batch_sizes) == 3
+        expected = old.inner.infer(np.stack(tensors))
+        np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
+        await scheduler.stop()

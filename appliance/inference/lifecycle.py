@@ -93,12 +93,15 @@ class ModelLifecycle:
     async def reload(self, trigger: str) -> ReloadOutcome:
         """Re-read the model directory and serve the version it names, if it passes every check; never raises.
 
-        Trigger "poll" (the bucket poll) is quiet when nothing changed: no log line, no record, no count.
+        Trigger "poll" (the bucket poll) is quiet when nothing changed, or when it is refused for the reason
+        the last reload was: no log line, no record, no count.
         """
         async with self._lock:
             outcome = await self._reload(trigger)
-        if trigger == POLL and outcome.result == "unchanged":
-            log.debug("model poll: %s", outcome.reason)
+        last = self.last_reload
+        if trigger == POLL and (outcome.result == "unchanged" or (
+                outcome.result == "refused" and last is not None and last.reason == outcome.reason)):
+            log.debug("model poll: %s %s", outcome.result, outcome.reason)  # said once already, or nothing to say
             return outcome
         self.last_reload = outcome
         line = f"model reload ({trigger}): {outcome.result} v{outcome.version or '?'}: {outcome.reason}"
