@@ -124,6 +124,9 @@ class ModelLifecycle:
             directory = (await asyncio.to_thread(self._pick)).resolve()
         except ApplianceError as exc:
             return outcome("", "refused", exc.detail)
+        except Exception as exc:  # an unreadable directory, a bucket client's own error: nothing to load
+            log.exception("picking the version to serve failed")
+            return outcome("", "refused", f"{type(exc).__name__}: {exc}")
         self.available = _version_of(directory) or self.available
         if directory == self.version_dir.resolve():
             return outcome(self.current.manifest.version, "unchanged", f"already serving {directory}")
