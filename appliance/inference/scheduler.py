@@ -57,6 +57,7 @@ class Scheduler:
         self._incoming = 0  # requests decoding now, whose tensors will follow
         self._incoming_on: Counter[int] = Counter()  # the same, by id() of the runtime they will use
         self._carry: _Job | None = None  # taken, but for another runtime than the batch that took it
+        self._pending_on: Counter[int] = Counter()  # jobs queued or taken and not yet answered, by id() of runtime
         self._changed = asyncio.Event()  # a tensor arrived or an announced request ended
         self.batches = 0
         self.images = 0
@@ -79,6 +80,7 @@ class Scheduler:
         if self._carry is not None:
             leftover.append(self._carry)
         self._taken, self._carry = [], None
+        self._answered(leftover)
         _fail(leftover, Overloaded("The appliance is shutting down"))
         self._changed.set()  # a drain waiting for these jobs sees them gone
 
@@ -120,9 +122,11 @@ class Scheduler:
         """
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(tensor, future, runtime or self.runtime))
+            job = _Job(tensor, future, runtime or self.runtime)
+            self._queue.put_nowait(job)
         except asyncio.QueueFull:
             raise Overloaded("The inference queue is full; retry shortly") from None
+        self._pending_on[id(job.runtime)] += 1
         self._changed.set()
         return future
 
@@ -132,10 +136,11 @@ class Scheduler:
 
     def busy_with(self, runtime: Runtime) -> bool:
         """Whether a request still needs `runtime`: announced, queued, or in the batch running now."""
-        jobs = [*self._taken, *self._queue._queue]  # type: ignore[attr-defined]  # asyncio.Queue keeps a deque
-        if self._carry is not None:
-            jobs.append(self._carry)
-        return self._incoming_on[id(runtime)] > 0 or any(job.runtime is runtime for job in jobs)
+        return self._incoming_on[id(runtime)] > 0 or self._pending_on[id(runtime)] > 0
+
+    def _answered(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            self._pending_on[id(job.runtime)] -= 1
 
     async def drained(self, runtime: Runtime) -> None:
         """Return once no request needs `runtime` any more (see `busy_with`)."""
@@ -168,6 +173,7 @@ class Scheduler:
             except Exception as exc:  # whatever fails, this batch answers and the batcher lives on
                 log.exception("inference failed for a batch of %d", len(jobs))
                 _fail(jobs, exc)
+            self._answered(self._taken)
             self._taken = []
             self._changed.set()  # a drain may be waiting for this batch
 
