@@ -481,3 +481,17 @@ async def test_during_a_swap_a_batch_holds_one_versions_jobs_and_the_old_one_dra
         expected = old.inner.infer(np.stack(tensors))
         np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
         await scheduler.stop()
+
+
+def test_appliance_reload_refuses_a_pid_that_is_not_a_server(tmp_path: Path) -> None:
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        done = subprocess.run([sys.executable, "-m", "appliance", "reload", "--pid", str(other.pid)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        assert (done.returncode, done.stderr) == (
+            1, f"appliance: error: process {other.pid} (from --pid) is not an appliance server; is the server running?\n")
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait()

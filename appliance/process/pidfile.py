@@ -41,6 +41,7 @@ def written(path: Path) -> Iterator[None]:
 
 def signal_server(path: Path, pid: int | None = None) -> int:
     """Send SIGHUP to the server (`pid`, else the one in `path`); return its pid or raise ConfigError naming the fix."""
+    source = "--pid" if pid is not None else str(path)
     if pid is None:
         try:
             text = path.read_text().strip()
@@ -53,11 +54,11 @@ def signal_server(path: Path, pid: int | None = None) -> int:
     cmdline = Path(f"/proc/{pid}/cmdline")
     # A stale file may name a pid reused by another program since: signal only an appliance server.
     if cmdline.exists() and b"appliance" not in cmdline.read_bytes():
-        raise ConfigError(f"process {pid} (from {path}) is not an appliance server; is the server running?")
+        raise ConfigError(f"process {pid} (from {source}) is not an appliance server; is the server running?")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
-        raise ConfigError(f"no process {pid} (from {path}): the server is not running") from None
+        raise ConfigError(f"no process {pid} (from {source}): the server is not running") from None
     except PermissionError:
         raise ConfigError(f"not allowed to signal process {pid}: run as the server's user (or root)") from None
     return pid
