@@ -305,14 +305,20 @@ def test_systemd_hears_a_refused_reload_in_status(tmp_path: Path, model_root: Pa
         assert sock.recv(4096).decode().split("\n") == ["READY=1", f"STATUS={ready}"]
         add_version(model_root, tiny_model_dir, 2, _golden_mismatch)
         proc.send_signal(signal.SIGHUP)
-        [status] = sock.recv(4096).decode().split("\n")
+        reloading, usec, status = sock.recv(4096).decode().split("\n")
+        assert (reloading, status) == ("RELOADING=1", "STATUS=Reloading (SIGHUP): verifying, loading and "
+                                       "self-checking the model; the current version serves meanwhile")
+        assert 0 < int(usec.removeprefix("MONOTONIC_USEC=")) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        done, status = sock.recv(4096).decode().split("\n")
+        assert done == "READY=1"
         assert status.startswith(f"STATUS={ready}; reload of v2 REFUSED: self-check failed for openvino-fp32/fast on "
                                  "golden/0.jpg: ")
         assert status.endswith("; still serving v1")
         shutil.rmtree(model_root / "2")
         add_version(model_root, tiny_model_dir, 3)
         proc.send_signal(signal.SIGHUP)
-        assert sock.recv(4096).decode().split("\n") == [f"STATUS={ready.replace('v1', 'v3')}"]
+        assert sock.recv(4096).decode().startswith("RELOADING=1\n")
+        assert sock.recv(4096).decode().split("\n") == ["READY=1", f"STATUS={ready.replace('v1', 'v3')}"]
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:

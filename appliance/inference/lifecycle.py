@@ -74,6 +74,7 @@ class ModelLifecycle:
         self._refused: set[Path] = set()  # the poll does not load these again; an operator's reload does
         # Told every outcome (metrics, systemd's STATUS=); a listener's failure never fails a reload.
         self.listeners: list[Callable[[ReloadOutcome], None]] = []
+        self.beginning: list[Callable[[str], None]] = []  # told the trigger when a reload begins (not a poll's)
         self._lock = asyncio.Lock()  # one reload at a time; a second trigger waits and re-reads
         self._retiring: set[asyncio.Task[None]] = set()
         self.last_reload: ReloadOutcome | None = None
@@ -97,6 +98,9 @@ class ModelLifecycle:
         the last reload was: no log line, no record, no count.
         """
         async with self._lock:
+            if trigger != POLL:
+                for begin in self.beginning:
+                    begin(trigger)
             outcome = await self._reload(trigger)
         last = self.last_reload
         if trigger == POLL and (outcome.result == "unchanged" or (
