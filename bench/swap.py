@@ -148,6 +148,28 @@ def run(model: Path, work: Path, *, clients: int, steady_s: float, overrides: di
     }
 
 
+def section(bench: Any) -> dict[str, Any]:
+    """The `swap` section of `python -m bench` (a `suite.Bench`): one swap under load on the bench's model."""
+    bench.say("model swap under load: steady state, then SIGHUP with a new version")
+    return run(bench.model_dir, bench.work / "swap", clients=4, steady_s=3.0 if bench.quick else 10.0, overrides={})
+
+
+def report_section(result: dict[str, Any]) -> str:
+    """The report's markdown for a `run` result ("" when the section did not run)."""
+    if not result:
+        return ""
+    steady, swap, rss = result["steady"], result["swap"], result["rss_mb"]
+    return ("## Model swap under load (issue 14)\n\n"
+            f"{result['clients']} clients posting a JPEG back to back; SIGHUP with a new version dropped in. "
+            f"Failed requests: **{result['failures']}**; answers by version {result['answers_by_version']}.\n\n"
+            "| | steady | during the swap | ratio |\n|---|---|---|---|\n"
+            f"| images/s | {steady['per_s']} | {swap['per_s']} | {result['throughput_ratio']} |\n"
+            f"| p99 ms | {steady['p99_ms']} | {swap['p99_ms']} | {result['p99_ratio']} |\n"
+            f"| RSS MB (peak) | {rss['steady_peak']} | {rss['swap_peak']} | {rss['swap_peak_ratio']} |\n\n"
+            f"SIGHUP to the new version serving: {result['sighup_to_serving_s']} s; RSS once the old version "
+            f"closed: {rss['after']} MB.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.swap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
