@@ -1,4 +1,4 @@
-"""The `appliance` command: serve, check-config, sync, import-legacy, migrate-store, convert."""
+"""The `appliance` command: serve, reload, check-config, sync, import-legacy, migrate-store, convert."""
 
 from __future__ import annotations
 
@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="json: one JSON object a line, one line per request (default); text: for a terminal")
     serve.add_argument("--insecure", action="store_true",
                        help="serve a non-loopback address without any API key (same as server.allow_insecure)")
+
+    reload = commands.add_parser(
+        "reload",
+        help="make the running server re-read its model directory and swap in the version it names",
+        description="Send SIGHUP to the running `appliance serve`, found by its pid file appliance.pid in "
+        "storage.root (written while it serves) or given with --pid. The server re-reads [model] from its config "
+        "file (model.pin_version), loads, verifies, warms up and self-checks that version while the current one "
+        "serves, then swaps; a version that fails is refused and the current one keeps serving. The outcome is in "
+        "the server's log, /v1/info (model.last_reload) and the status page. Under systemd use "
+        "`systemctl reload appliance` (ExecReload= signals the service's MAINPID).",
+    )
+    reload.add_argument("--config", metavar="PATH", help=DEFAULT_CONFIG_HELP)
+    reload.add_argument("--pid", type=int, help="the server's process id (default: read from the pid file)")
 
     check = commands.add_parser(
         "check-config",
@@ -139,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(_config_path(args.config))
         if args.command == "check-config":
             return check_config(config)
+        if args.command == "reload":
+            from .process.pidfile import pid_file, signal_server
+
+            pid = signal_server(pid_file(config.storage.root), args.pid)
+            print(f"sent SIGHUP to the server (pid {pid}): it reloads the model in the background; the outcome is "
+                  "in its log and in /v1/info (model.last_reload)")
+            return 0
         if args.command == "import-legacy":
             return import_legacy(config, args)
         if args.command == "migrate-store":
@@ -245,7 +265,7 @@ def check_config(config: Config) -> int:
         directory = cached_model_dir(config.model.url, Path(config.model.cache_dir))
         origin = f"{config.model.url} (fetched at start; {'cached at ' + str(directory) if directory else 'nothing cached yet'})"
     else:
-        directory = resolve_model_dir(config.model.path)
+        directory = resolve_model_dir(config.model.path, config.model.pin_version)
         origin = str(directory)
     model = "model not checked"
     if directory is not None:
@@ -263,7 +283,7 @@ def check_config(config: Config) -> int:
 
 def serve(config: Config, args: argparse.Namespace) -> int:
     from .app import create_app
-    from .process import systemd
+    from .process import pidfile, systemd
     from .ops.logs import configure_logging
     from .process.serving import run_until_stopped
     from .security.auth import is_loopback, load_api_keys, tls_context
@@ -285,7 +305,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         logging.getLogger("appliance").warning("no API key configured: the API is open to anyone who can reach %s:%d",
                                                host, port)
     ssl_context = tls_context(config.server)
-    app = create_app(config, api_keys=keys)
+    app = create_app(config, api_keys=keys, config_path=_config_path(args.config))
     service = systemd.attach(app)  # READY=1, STATUS=, WATCHDOG=1, STOPPING=1 under systemd; else no-op
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
 
@@ -294,9 +314,10 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         logging.getLogger("appliance").info("serving on %s", url)
         service.serving(url)
 
-    run_until_stopped(app, host=host, port=port, ssl_context=ssl_context,
-                      shutdown_timeout_s=config.server.shutdown_timeout_s, on_serving=serving,
-                      server_options=server_options(config.server))
+    with pidfile.written(pidfile.pid_file(config.storage.root)):  # for `appliance reload`
+        run_until_stopped(app, host=host, port=port, ssl_context=ssl_context,
+                          shutdown_timeout_s=config.server.shutdown_timeout_s, on_serving=serving,
+                          server_options=server_options(config.server))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Start-up order (each a cleanup context, so aiohttp tears down in reverse and
 only what started): executors, model (fetched from model.url if set; load,
-warm up, self-check), scheduler, store, sync worker (when enabled), then the
+warm up, self-check) with its scheduler and lifecycle (reloads:
+appliance/inference/lifecycle.py), store, sync worker (when enabled), then the
 clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
 readiness drops, the listener closes and requests in progress drain
 (`server.shutdown_timeout_s`, appliance/process/serving.py), sync finishes its in-flight
@@ -14,28 +15,30 @@ threads end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from .api import clinic, guards, kserve, monitoring, openapi, ops
-from .config import Config, wanted_path
+from .config import Config, ModelConfig, load_config, wanted_path
 from .errors import ApplianceError, PayloadTooLarge, StoreUnavailable
-from .inference.model import load_model
+from .inference.lifecycle import ModelLifecycle, ReloadOutcome
+from .inference.model import LoadedModel, load_model, resolve_model_dir
 from .inference.scheduler import Scheduler
 from .keys import (
     API_KEYS,
     AUTH_FAILURES,
     BODY_SLOTS,
-    CLASSIFIER,
     CLINIC,
     CONFIG,
     ERROR_FIELD,
     EXECUTORS,
     METRICS,
-    MODEL,
+    MODELS,
     RATE_LIMITER,
     SCHEDULER,
     STATE,
@@ -45,7 +48,7 @@ from .keys import (
     Executors,
     State,
 )
-from .modelfetch import model_source
+from .modelfetch import fetch_model, mark_verified, model_source
 from .ops.memory import IdleTrimmer, find_malloc_trim
 from .ops.metrics import Metrics
 from .security.auth import ApiKeys, load_api_keys
@@ -89,10 +92,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(_error_body(request, "Internal server error"), status=500)
 
 
-def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Application:
+def create_app(config: Config, *, api_keys: ApiKeys | None = None, config_path: Path | None = None) -> web.Application:
     """Build the appliance's aiohttp application; resources start when it starts.
 
-    `api_keys` None reads them as `appliance serve` does (`load_api_keys`).
+    `api_keys` None reads them as `appliance serve` does (`load_api_keys`). `config_path`, the file
+    `config` came from, is read again at each model reload for its [model] section (model.pin_version).
     """
     app = web.Application(
         middlewares=[
@@ -105,6 +109,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
+    app[MODEL_SETTINGS] = _ModelSettings(config, config_path)
     app[STATE] = State()
     app[API_KEYS] = load_api_keys(config.auth) if api_keys is None else api_keys
     app[METRICS] = Metrics()
@@ -118,7 +123,7 @@ def create_app(config: Config, *, api_keys: ApiKeys | None = None) -> web.Applic
     app.add_routes(ops.routes)
     app.add_subapp(kserve.PREFIX, kserve.create_kserve_app())
     app.add_routes(openapi.routes)
-    app.cleanup_ctx.extend([_executors, _model, _scheduler, _store, _sync, _clinic, _memory])
+    app.cleanup_ctx.extend([_executors, _model, _store, _sync, _clinic, _rollout, _memory])
     app.on_shutdown.append(_not_ready)
     guards.setup_cors(app, config.server.allowed_origins)  # last: it covers every route added above
     return app
@@ -147,53 +152,102 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(app[EXECUTORS].store, store.close)
 
 
+class _ModelSettings:
+    """Where the model comes from: [model] as at start, or as the config file says now (read at each reload)."""
+
+    def __init__(self, config: Config, path: Path | None) -> None:
+        self.config = config
+        self.path = path
+        self.model: ModelConfig = config.model
+
+    def first(self) -> Path:
+        """The version directory to start with: model.path's, or model.url fetched and verified."""
+        return resolve_model_dir(model_source(self.model, self.config.bucket), self.model.pin_version)
+
+    def pick(self) -> Path:
+        """Re-read [model] (pin_version may have changed), fetch model.url if set, name the version directory.
+
+        A fetched copy becomes the cache's verified one only once it passed its self-check (`commit`).
+        """
+        if self.path is not None:
+            self.model = load_config(self.path).model  # a broken file refuses the reload, naming the key
+        model = self.model
+        if not model.url:
+            return resolve_model_dir(model.path, model.pin_version)
+        fetched = fetch_model(model.url, model.cache_dir, self.config.bucket, model.trusted_keys, mark=False)
+        return resolve_model_dir(fetched, model.pin_version)
+
+    def commit(self, directory: Path) -> None:
+        """`directory` passed: with model.url, a restart now loads it too."""
+        if self.model.url:
+            mark_verified(self.model.url, self.model.cache_dir, directory)
+
+    def load(self, directory: Path) -> LoadedModel:
+        """Load, verify, warm up and self-check one version directory (blocking)."""
+        return load_model(directory, wanted_path(dataclasses.replace(self.config, model=self.model)),
+                          self.config.runtime.selected, max_batch=self.config.inference.max_batch,
+                          trusted_keys=self.model.trusted_keys, measure_in=self.timings_dir())
+
+    def timings_dir(self) -> Path | None:
+        """Where path timings are cached (model.measure_paths): beside the compiled-model cache if the back end
+        has one (runtime.<name>.cache_dir), else model.cache_dir."""
+        if not self.model.measure_paths:
+            return None
+        compiled = getattr(self.config.runtime.selected, "cache_dir", None)  # each back end's own table decides
+        return Path(compiled) if compiled is not None else self.model.cache_dir
+
+
+MODEL_SETTINGS = web.AppKey("model_settings", _ModelSettings)
+
+
 async def _model(app: web.Application) -> AsyncIterator[None]:
+    """The served model, its scheduler and its lifecycle; on shutdown the scheduler stops, then the runtimes close."""
     config = app[CONFIG]
+    settings = app[MODEL_SETTINGS]
     loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(
-        app[EXECUTORS].inference,
-        lambda: load_model(
-            model_source(config.model, config.bucket),  # model.path, or model.url fetched and verified
-            wanted_path(config),
-            config.runtime.selected,
-            max_batch=config.inference.max_batch,
-            trusted_keys=config.model.trusted_keys,
-        ),
-    )
-    app[MODEL] = model
+    inference = app[EXECUTORS].inference
+    model = await loop.run_in_executor(inference, lambda: settings.load(settings.first()))
     if model.manifest.demo:
         log.warning("serving the DEMO model: its answers are not medical predictions")
-    yield
-    await loop.run_in_executor(app[EXECUTORS].inference, model.runtime.close)
-
-
-async def _scheduler(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].inference
     scheduler = Scheduler(
-        app[MODEL].runtime,
-        app[EXECUTORS].inference,
-        max_batch=config.max_batch,
-        max_wait_s=config.max_wait_ms / 1000.0,
-        queue_size=config.queue_size,
+        model.runtime,
+        inference,
+        max_batch=config.inference.max_batch,
+        max_wait_s=config.inference.max_wait_ms / 1000.0,
+        queue_size=config.inference.queue_size,
         on_batch=app[METRICS].observe_batch,
     )
     scheduler.start()
+    lifecycle = ModelLifecycle(model, scheduler, pick=settings.pick, load=settings.load, close_executor=inference,
+                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit)
+    lifecycle.listeners.append(lambda outcome: _count_reload(app, outcome))
+    app[MODELS] = lifecycle
     app[SCHEDULER] = scheduler
     yield
     await scheduler.stop()
+    await lifecycle.close()
+
+
+def _serve_model(app: web.Application, model: LoadedModel) -> None:
+    """After a swap: new requests classify on `model` (those running keep the classifier they started with)."""
+    clinic = app[CLINIC]
+    clinic.classifier = dataclasses.replace(clinic.classifier, model=model)
+
+
+def _count_reload(app: web.Application, outcome: ReloadOutcome) -> None:
+    app[METRICS].model_reloads.labels(outcome.result).inc()
 
 
 async def _clinic(app: web.Application) -> AsyncIterator[None]:
     executors = app[EXECUTORS]
     config = app[CONFIG]
     classifier = Classifier(
-        app[MODEL],
+        app[MODELS].current,
         app[SCHEDULER],
         max_pixels=config.imaging.max_pixels,
         decode_executor=executors.decode,
         observe=app[METRICS].observe_stage,
     )
-    app[CLASSIFIER] = classifier
     app[CLINIC] = Clinic(
         classifier,
         app[STORE],
@@ -205,6 +259,19 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
     app[STATE].ready = True
     yield
     app[STATE].ready = False
+
+
+async def _rollout(app: web.Application) -> AsyncIterator[None]:
+    """With model.url and model.poll_interval_s, look for a new version in the bucket and swap it in once it passed."""
+    model = app[CONFIG].model
+    if not model.url or model.poll_interval_s <= 0:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(app[MODELS].poll(model.poll_interval_s), name="model-poll")
+    log.info("model.url: looking for a new version of %s every %g s", model.url, model.poll_interval_s)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _memory(app: web.Application) -> AsyncIterator[None]:

@@ -54,6 +54,20 @@ class ModelConfig:
     # Ed25519 public keys (PEM files): when set, only a model.json signed by one of them loads
     # (model.json.sig, written by convert --sign-key); checked at fetch and at load.
     trusted_keys: tuple[Path, ...] = ()
+    # A version of model.path (a model's directory) to serve instead of the highest: rollback (appliance reload).
+    pin_version: str = ""
+    # Seconds between looks at model.url for a new version (0 = only at start and on reload).
+    poll_interval_s: float = setting(0.0, Check("0 (off) or a number of seconds", at_least=0))
+    # `auto` by measurement: time the paths that met their bar on this machine at a version's first start.
+    measure_paths: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pin_version and not self.pin_version.isdigit():
+            raise ConfigError(f"model.pin_version: expected a version directory's number, or \"\" for the highest; "
+                              f"got {self.pin_version!r}")
+        if self.pin_version and self.url:
+            raise ConfigError(f"model.pin_version: pins a version of model.path; with model.url, point the URL at "
+                              f"that version instead ({self.url.rstrip('/')}/{self.pin_version}) and set pin_version = \"\"")
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .config import Config
-from .inference.model import LoadedModel
+from .inference.lifecycle import ModelLifecycle
 from .inference.scheduler import Scheduler
 from .ops.memory import IdleTrimmer
 from .ops.metrics import Metrics
 from .security.auth import ApiKeys
 from .security.limits import BodySlots, FailedAuthLimiter, RateLimiter
-from .services import Classifier, Clinic
+from .services import Clinic
 from .storage import Store
 from .sync.worker import SyncWorker
 
@@ -43,9 +43,9 @@ CONFIG = web.AppKey("config", Config)
 STATE = web.AppKey("state", State)
 EXECUTORS = web.AppKey("executors", Executors)
 STORE = web.AppKey("store", Store)
-MODEL = web.AppKey("model", LoadedModel)
+# The served model (`.current`) and the one way to swap it (`.reload`); a swap replaces CLINIC.classifier too.
+MODELS = web.AppKey("models", ModelLifecycle)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
-CLASSIFIER = web.AppKey("classifier", Classifier)
 CLINIC = web.AppKey("clinic", Clinic)
 
 # Hardening and monitoring (appliance/security/, appliance/ops/metrics.py).
@@ -58,6 +58,8 @@ TRIMMER = web.AppKey("trimmer", IdleTrimmer)  # absent where the C library canno
 # Per request: its id (echoed as X-Request-Id) and the name of the API key it presented.
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY_NAME = web.RequestKey("key_name", str)
+# Per classification: the model name, version and served path that answered (its log line carries them).
+ANSWERED_BY = web.RequestKey("answered_by", dict)
 SYNC = web.AppKey("sync", SyncWorker)  # present only when sync.enabled
 
 # Set on a sub-app whose protocol names its error field otherwise (KServe v2: "error"); else "detail".

@@ -17,6 +17,13 @@ any point leaves the previous or the new verified copy, never neither.
 
 When the bucket cannot be reached, the last verified copy is used (with a
 warning); with none, start-up stops. A fleet then updates one bucket path.
+
+On a running box (a reload, or the `model.poll_interval_s` poll) a new version
+is fetched with `mark=False`: its files are checked as above, but verified.json
+moves to it (`mark_verified`) only once the server's self-check has passed, so
+a version refused on this box is never the one a restart would load. A refused
+copy stays in the cache, unmarked, and is not downloaded again while the
+bucket holds the same manifest.
 """
 
 from __future__ import annotations
@@ -58,10 +65,12 @@ def cached_model_dir(url: str, cache_dir: Path) -> Path | None:
     return _last_verified(_cache_for(url, cache_dir))
 
 
-def fetch_model(url: str, cache_dir: Path, bucket: Any, trusted_keys: tuple[Path, ...] = ()) -> Path:
+def fetch_model(url: str, cache_dir: Path, bucket: Any, trusted_keys: tuple[Path, ...] = (), *,
+                mark: bool = True) -> Path:
     """Fetch the model at `url` into the cache and return its version directory.
 
     With `trusted_keys`, a model whose model.json.sig is missing or signed by none of them is refused.
+    With `mark` False a new copy is not yet the verified one: `mark_verified` makes it so.
     """
     from .buckets import open_target
 
@@ -69,7 +78,7 @@ def fetch_model(url: str, cache_dir: Path, bucket: Any, trusted_keys: tuple[Path
     keys = load_trusted_keys(trusted_keys)  # a bad key file is a config error, before any download
     target = open_target(url, bucket, max_retries=1)
     try:
-        return _download(target, url, cache, keys)
+        return _download(target, url, cache, keys, mark)
     except (ModelFetchRefused, ConfigError):
         raise
     except Exception as exc:  # unreachable bucket, expired credentials, ...: fall back
@@ -92,7 +101,7 @@ def _last_verified(cache: Path) -> Path | None:
     return path if name and "/" not in name and (path / MANIFEST).is_file() else None
 
 
-def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]]) -> Path:
+def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]], mark: bool) -> Path:
     prefix = ""
     try:
         manifest_bytes = target.get_sync(MANIFEST)
@@ -122,6 +131,11 @@ def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]]) 
     if (current is not None and (current / MANIFEST).read_bytes() == manifest_bytes
             and _file_bytes(current / SIGNATURE) == signature and _intact(current, expected)):
         return current
+    if not mark:  # a copy fetched before and not (yet) marked: a refused version is not downloaded again
+        for copy in sorted(cache.iterdir()) if cache.is_dir() else []:
+            if (copy.is_dir() and not copy.name.startswith(".") and _file_bytes(copy / MANIFEST) == manifest_bytes
+                    and _file_bytes(copy / SIGNATURE) == signature and _intact(copy, expected)):
+                return copy
     cache.mkdir(parents=True, exist_ok=True)
     staging = cache / f".staging-{os.getpid()}-{time.monotonic_ns()}"
     try:
@@ -146,6 +160,22 @@ def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]]) 
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    log.info("model.url: fetched and verified %s version %d into %s", url, version, final)
+    if mark:
+        _mark(cache, final, url, version)
+    return final
+
+
+def mark_verified(url: str, cache_dir: Path, directory: Path) -> None:
+    """Make `directory` (a copy `fetch_model(mark=False)` returned) the verified copy, and drop the others."""
+    cache = _cache_for(url, cache_dir)
+    if _last_verified(cache) == directory:
+        return
+    version = int(json.loads((directory / MANIFEST).read_bytes())["version"])
+    _mark(cache, directory, url, version)
+
+
+def _mark(cache: Path, final: Path, url: str, version: int) -> None:
     marker = cache / f".{VERIFIED}.tmp"
     marker.write_text(json.dumps({"version": version, "dir": final.name, "url": url, "verified_at": time.time()}),
                       encoding="utf-8")
@@ -155,8 +185,6 @@ def _download(target: Any, url: str, cache: Path, keys: list[tuple[Path, Any]]) 
     for old in cache.iterdir():  # older copies, now that nothing points at them
         if old != final and old.is_dir() and not old.name.startswith("."):
             shutil.rmtree(old, ignore_errors=True)
-    log.info("model.url: fetched and verified %s version %d into %s", url, version, final)
-    return final
 
 
 def _fresh_dir(cache: Path, version: int) -> Path:

@@ -106,7 +106,7 @@ class Classifier:
 
     def _submit(self, tensor: np.ndarray) -> asyncio.Future[np.ndarray]:
         started = time.monotonic()
-        inference = self.scheduler.submit(tensor)
+        inference = self.scheduler.submit(tensor, self.model.runtime)  # this version's runtime, even after a swap
 
         def inferred(future: asyncio.Future[np.ndarray]) -> None:
             # Timed when the answer comes, not when the request looks (it may be busy elsewhere);
@@ -121,13 +121,13 @@ class Classifier:
         self, data: bytes, *, blur_full_resolution: bool
     ) -> tuple[imaging.DecodedImage, asyncio.Future[np.ndarray]]:
         """Decode one image and queue it; the future is its probabilities (cancel it to withdraw)."""
-        with self.scheduler.incoming():
+        with self.scheduler.incoming(self.model.runtime):
             decoded = await self._decode(data, blur_full_resolution)
             return decoded, self._submit(decoded.tensor)  # queued before the announcement ends
 
     async def classify_images(self, images: list[bytes]) -> np.ndarray:
         """Probabilities [N, classes] of encoded images; the first bad one fails them all, naming its index."""
-        with self.scheduler.incoming():
+        with self.scheduler.incoming(self.model.runtime):
             decoded = await asyncio.gather(*(self._decode(data, False) for data in images), return_exceptions=True)
             tensors = []
             for index, result in enumerate(decoded):
@@ -194,17 +194,19 @@ class Clinic:
         if case_id is not None and not is_case_id(case_id):
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
-        decoded, inference = await self.classifier.start(data, blur_full_resolution=self.imaging.blur_full_resolution)
+        # One classifier for the whole request: a model swap meanwhile must not mix versions in one answer.
+        classifier = self.classifier
+        decoded, inference = await classifier.start(data, blur_full_resolution=self.imaging.blur_full_resolution)
         # Stripped while the model runs, after decoding read the orientation from the
         # original (stripping keeps it anyway); what is stored and counted is the stripped copy.
         if self.strip_metadata:
             try:
                 data = await asyncio.get_running_loop().run_in_executor(
-                    self.classifier.decode_executor, _strip, data, image_format)
+                    classifier.decode_executor, _strip, data, image_format)
             except BaseException:
                 inference.cancel()
                 raise
-        predictions = self.classifier.rank(await inference)
+        predictions = classifier.rank(await inference)
         case_id = await self._case_id_for(caller, case_id)
         checked = CheckedImage(
             image_id=str(uuid.uuid4()),
@@ -214,7 +216,7 @@ class Clinic:
             blur_threshold=self.imaging.blur_threshold,
             predictions=predictions,
             low_confidence=predictions[0].confidence < self.imaging.conf_threshold,
-            model=self.classifier.model_info,
+            model=classifier.model_info,
         )
         record = {
             "case_id": case_id,

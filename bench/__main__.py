@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from . import suite
+from . import suite, swap
 from .load import generator_name
 from .procs import ROOT
 from .report import write_report
@@ -39,6 +39,7 @@ SECTIONS: dict[str, Callable[[suite.Bench], Any]] = {
     "cold_start": suite.cold_start,
     "decode_modes": suite.decode_modes,
     "profile": suite.profile,
+    "swap": swap.section,
 }
 NEEDED = {"fastapi": "bench", "uvicorn": "bench", "multipart": "bench", "matplotlib": "bench", "torch": "convert",
           "torchvision": "convert"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .swap import report_section
+
 TITLES = {"phone": "12 MP phone photo (4032×3024)", "derm": "600×450 dermoscopy"}
 APPLIANCES = ("appliance-sqlite", "appliance-disk")
 
@@ -147,6 +149,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     parts.append(_cold_section(results.get("cold_start", {})))
     parts.append(_decode_section(results.get("decode_modes", {})))
     parts.append(_profile_section(results.get("profile", [])))
+    parts.append(report_section(results.get("swap", {})))
     parts.append("## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     path = out / "report.md"
     path.write_text("\n".join(p for p in parts if p))

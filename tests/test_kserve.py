@@ -198,7 +198,7 @@ def test_unknown_model_or_version_is_404(client: triton.InferenceServerClient, s
         "404", "Unknown model 'melanoma-net'; this appliance serves 'tiny'")
     status, _, body = raw(served[0], "GET", "/v2/models/tiny/versions/7/ready")
     assert (status, json.loads(body)) == (404, {"error": "Unknown version '7' of model 'tiny'; the served version is '1'"})
-    status, _, body = raw(served[0], "GET", "/v2/repository/index")
+    status, _, body = raw(served[0], "GET", "/v2/models/tiny/stats")  # an extension not served (statistics)
     assert (status, json.loads(body)) == (404, {"error": "Not Found"})
     status, headers, body = raw(served[0], "GET", "/v2/models/tiny/infer")
     assert (status, json.loads(body)) == (405, {"error": "Method Not Allowed"})

@@ -69,7 +69,8 @@ def test_sigterm_drains_the_request_in_flight(tmp_path: Path, tiny_model_dir: Pa
         "logger": "appliance.access", "level": "INFO", "method": "POST", "route": "/check-image", "status": 200,
         "key": None, "user": "user001"}
     assert set(request_line) == {"ts", "level", "logger", "msg", "request_id", "method", "route", "status",
-                                 "duration_ms", "key", "client", "user"}
+                                 "duration_ms", "key", "client", "user", "model", "model_version", "served_path"}
+    assert (request_line["model"], request_line["model_version"]) == ("tiny", "1")  # which model answered (issue 14)
     assert any(line["msg"].startswith("no API key configured") and line["level"] == "WARNING" for line in lines)
 
 

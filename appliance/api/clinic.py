@@ -19,6 +19,7 @@ from ..keys import API_KEYS, CLINIC, CONFIG, KEY_NAME, SYNC
 from ..security.auth import Role
 from ..services import Caller, CheckedImage
 from . import loads_strict
+from .ops import name_answer
 from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
@@ -155,7 +156,8 @@ async def check_image(request: web.Request) -> web.Response:
     case_id = request.query.get("case_id", "").strip() or form_case_id or None
     checking = request.app[CLINIC].check_image(who, data, case_id)
     del data  # the clinic holds the only reference: the original is freed once its stripped copy is made
-    return web.json_response(render_checked(await checking))
+    checked = await checking
+    return name_answer(request, web.json_response(render_checked(checked)), checked.model)
 
 
 def render_checked(checked: CheckedImage) -> dict[str, Any]:

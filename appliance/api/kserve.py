@@ -11,6 +11,12 @@ as for the clinic API. Results are not stored: the clinic contract
 
 Mounted as a sub-app under /v2 whose errors are `{"error": ...}` (the
 protocol's shape; the one error middleware reads ERROR_FIELD).
+
+The model repository extension (`POST /v2/repository/index`,
+`.../models/{name}/load` and `/unload`) changes what is served, so only an
+admin key may call it (with no keys configured: loopback callers only). `load`
+is the reload every other trigger runs; `unload` of the one served model
+answers 409: an appliance with no model would only answer 503.
 """
 
 from __future__ import annotations
@@ -27,18 +33,21 @@ import numpy as np
 from aiohttp import web
 
 from .. import __version__
-from ..errors import BadRequest, NotFound, Overloaded, PayloadTooLarge
-from ..inference.model import LoadedModel, Manifest
-from ..keys import CLASSIFIER, CONFIG, ERROR_FIELD, EXECUTORS, MODEL, STATE
+from ..errors import BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, UnprocessableEntity
+from ..inference.lifecycle import ModelConflict
+from ..inference.model import LoadedModel, Manifest, model_versions
+from ..keys import API_KEYS, CLINIC, CONFIG, ERROR_FIELD, EXECUTORS, KEY_NAME, MODELS, STATE
+from ..security.auth import Role, is_loopback
 from . import loads_strict
 from .clinic import within_body_timeout
+from .ops import name_answer
 from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()  # paths under PREFIX
 
 PREFIX = "/v2"
 SERVER_NAME = "derm-appliance"
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data",)  # model_repository is served but not listed: clients that read it would expect Triton's multi-model repository
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton's platform names, so fleet tooling reads ours the same way.
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
@@ -116,28 +125,76 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     """Classify a batch; answer `probabilities` FP32 [N, classes] in label order."""
     shared = request.config_dict
-    model = _served(request)
+    _served(request)
     _require_ready(request)
     body = await _read_body(request)
-    # Parsing a JSON tensor of tens of MB is CPU work: keep it off the event loop.
-    parsed = await asyncio.get_running_loop().run_in_executor(
-        shared[EXECUTORS].decode,
-        lambda: parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH), model.manifest, max_rows=shared[CONFIG].inference.queue_size
-        ),
-    )
-    classifier = shared[CLASSIFIER]
-    if parsed.images is not None:
-        probabilities = await classifier.classify_images(parsed.images)
-    else:
-        assert parsed.tensor is not None
-        probabilities = await classifier.classify_tensors(parsed.tensor)
-    return render_response(model.manifest, parsed, probabilities)
+    # The version serving now answers the whole request, even if a swap comes while it is parsed.
+    classifier = shared[CLINIC].classifier
+    model = _served(request, classifier.model)
+    with classifier.scheduler.keep(model.runtime):
+        # Parsing a JSON tensor of tens of MB is CPU work: keep it off the event loop.
+        parsed = await asyncio.get_running_loop().run_in_executor(
+            shared[EXECUTORS].decode,
+            lambda: parse_infer_request(
+                body, request.headers.get(HEADER_LENGTH), model.manifest, max_rows=shared[CONFIG].inference.queue_size
+            ),
+        )
+        if parsed.images is not None:
+            probabilities = await classifier.classify_images(parsed.images)
+        else:
+            assert parsed.tensor is not None
+            probabilities = await classifier.classify_tensors(parsed.tensor)
+    return name_answer(request, render_response(model.manifest, parsed, probabilities), classifier.model_info)
 
 
-def _served(request: web.Request) -> LoadedModel:
-    """The model the path names, or 404 for another name or version."""
-    model = request.config_dict[MODEL]
+@routes.post("/repository/index")
+async def repository_index(request: web.Request) -> web.Response:
+    """The versions in the served model's directory: the one serving READY, the others UNAVAILABLE."""
+    _require_admin(request)
+    lifecycle = request.config_dict[MODELS]
+    current = lifecycle.current.manifest
+    served = lifecycle.version_dir
+    others = await asyncio.to_thread(model_versions, served.parent)  # listing a directory is I/O
+    index = [{"name": current.name, "version": current.version, "state": "READY", "reason": ""}]
+    index += [{"name": current.name, "version": path.name, "state": "UNAVAILABLE", "reason": "not loaded"}
+              for path in others if path.resolve() != served.resolve()]
+    return web.json_response(index)
+
+
+@routes.post("/repository/models/{name}/load")
+async def repository_load(request: web.Request) -> web.Response:
+    """Reload: serve the version model.path and model.pin_version name now, once it passed its checks; 422 if refused."""
+    _require_admin(request)
+    _served(request)
+    outcome = await request.config_dict[MODELS].reload("repository API")
+    if outcome.result == "refused":
+        raise UnprocessableEntity(f"Version {outcome.version or '?'} refused: {outcome.reason}")
+    return web.json_response({})
+
+
+@routes.post("/repository/models/{name}/unload")
+async def repository_unload(request: web.Request) -> web.Response:
+    """409: the appliance serves one model, and a box without one would answer nothing but 503."""
+    _require_admin(request)
+    model = _served(request)
+    raise ModelConflict(f"Model '{model.manifest.name}' is the only model served and cannot be unloaded; to serve "
+                        "another version, set model.pin_version and load it (POST .../load)")
+
+
+def _require_admin(request: web.Request) -> None:
+    """Changing the served model takes an admin key; with no keys configured, a caller on this machine."""
+    keys = request.config_dict[API_KEYS]
+    if keys:
+        if keys.role_of(request.get(KEY_NAME)) is not Role.ADMIN:
+            raise Forbidden("Only an admin key may change the served model (the repository API)")
+    elif not is_loopback(request.remote or ""):
+        raise Forbidden("With no API keys configured the repository API answers only on this machine; "
+                        "configure an admin key (auth.keys_file, name:key:admin)")
+
+
+def _served(request: web.Request, model: LoadedModel | None = None) -> LoadedModel:
+    """The model the path names (the one serving now, or `model`), or 404 for another name or version."""
+    model = model or request.config_dict[MODELS].current
     manifest = model.manifest
     name = request.match_info["name"]
     version = request.match_info.get("version")

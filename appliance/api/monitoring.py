@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..contract import sanitize_user_id
-from ..keys import API_KEYS, AUTH_FAILURES, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID, STATE, STORE, TRIMMER
+from ..keys import (API_KEYS, ANSWERED_BY, AUTH_FAILURES, BODY_SLOTS, CONFIG, EXECUTORS, KEY_NAME, METRICS, REQUEST_ID,
+                    STATE, STORE, TRIMMER)
 from ..security.tls import fingerprint_sha256
 from .ops import running_facts
 from .policy import Policy, policy_of, route_policy
@@ -99,7 +100,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 extra={"fields": {
                     "request_id": request_id, "method": request.method, "route": route, "status": status,
                     "duration_ms": round(seconds * 1000.0, 1), "key": request.get(KEY_NAME),
-                    "client": request.remote, "user": _user(request),
+                    "client": request.remote, "user": _user(request), **request.get(ANSWERED_BY, {}),
                 }})
 
 

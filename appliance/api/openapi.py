@@ -20,7 +20,7 @@ from .. import __version__
 from ..contract import (
     CASE_FIELDS, CASE_ID_SCHEMA, IMAGE_FORMATS, REJECT_FIELDS, UPDATE_FIELDS, USER_ID_PATTERN, record_schema,
 )
-from ..keys import CONFIG, MODEL
+from ..keys import CONFIG, MODELS
 from .policy import Policy, route_policy
 
 routes = web.RouteTableDef()
@@ -182,7 +182,7 @@ def _infer_request(input_name: str, output_name: str, crop: int, max_rows: int) 
 
 _REASONS = {
     400: "Malformed request", 401: "Missing or wrong API key", 403: "The key's role may not call this (a metrics key)",
-    404: "Not found",
+    404: "Not found", 409: "Conflicts with what is served (unloading the only model)",
     408: "The body did not arrive within server.body_timeout_s", 413: "Too large",
     415: "An image type that is not accepted", 422: "Invalid body", 429: "Rate limited (see Retry-After)",
     503: "Overloaded or not ready (see Retry-After)", 507: "The sync backlog is over its disk budget",
@@ -362,6 +362,15 @@ PATHS: dict[str, Any] = {
                                       tag="kserve")}),
     **_v2_model_paths("/ready", {"get": _op("KServe v2 model ready", _json(_ref("V2ModelReady")), (404, 503),
                                             v2=True, tag="kserve")}),
+    "/v2/repository/index": {"post": _op(
+        "KServe v2 model repository: the served model's versions (admin key; open mode: loopback only)",
+        _json({"type": "array", "items": {"type": "object"}}), v2=True, tag="kserve")},
+    "/v2/repository/models/{name}/load": {"post": _op(
+        "Reload: serve the version model.path / model.pin_version name once it passed its checks (admin key)",
+        _json({"type": "object"}), (404, 422), v2=True, tag="kserve", parameters=[_MODEL])},
+    "/v2/repository/models/{name}/unload": {"post": _op(
+        "Refused (409): the only served model cannot be unloaded (admin key)",
+        _json({"type": "object"}), (404, 409), v2=True, tag="kserve", parameters=[_MODEL])},
     **_v2_model_paths("/infer", {"post": _op(
         "KServe v2 inference: FP32 [N, 3, 224, 224] preprocessed, or BYTES [N] encoded images (JPEG, PNG, WebP)",
         _INFER_OK, (400, 404, 413, 415, 503), v2=True, tag="kserve", body=_INFER_BODY,
@@ -422,7 +431,7 @@ def document(
 @route_policy(Policy.PUBLIC)
 async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI document of this appliance (no API key needed)."""
-    manifest = request.app[MODEL].manifest
+    manifest = request.app[MODELS].current.manifest
     served = Served(manifest.input_name, manifest.output_name, manifest.preprocessing.crop,
                     request.app[CONFIG].inference.queue_size)
     return web.Response(text=document_text(manifest.name, manifest.version, served), content_type=JSON)

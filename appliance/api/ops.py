@@ -17,7 +17,7 @@ from aiohttp import web
 from .. import __version__
 from ..errors import StoreUnavailable
 from ..inference.model import LoadedModel
-from ..keys import CONFIG, EXECUTORS, MODEL, SCHEDULER, STATE, STORE, SYNC
+from ..keys import ANSWERED_BY, CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC
 from ..sync.status import disabled_status
 from .policy import Policy, route_policy
 
@@ -64,9 +64,11 @@ def running_facts(app: web.Application) -> dict[str, Any]:
         "appliance": {"version": __version__, "uptime_s": round(time.time() - state.started_at, 1),
                       "ready": state.ready},
     }
-    if MODEL in app:
-        model = app[MODEL]
-        facts.update(model=model.describe(), runtime=model.runtime.describe(), served_path=served_path(model))
+    if MODELS in app:
+        lifecycle = app[MODELS]
+        model = lifecycle.current
+        facts.update(model={**model.describe(), **lifecycle.describe()}, runtime=model.runtime.describe(),
+                     served_path=served_path(model))
     if SCHEDULER in app:
         scheduler = app[SCHEDULER]
         facts["inference"] = {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,
@@ -81,7 +83,7 @@ def running_facts(app: web.Application) -> dict[str, Any]:
 async def info(request: web.Request) -> web.Response:
     """The running model, runtime and settings that matter for answers."""
     app = request.app
-    model = app[MODEL]
+    model = app[MODELS].current
     config = app[CONFIG]
     facts = running_facts(app)
     return web.json_response(
@@ -98,6 +100,19 @@ async def info(request: web.Request) -> web.Response:
             "sync": facts["sync"] or disabled_status(),
         }
     )
+
+
+def name_answer(request: web.Request, response: web.Response, model: dict[str, Any]) -> web.Response:
+    """Name the model that computed `response` (a `LoadedModel.describe()`): headers, and the request's log line.
+
+    Headers, not body fields: the clinic contract's answer keeps its shape, and any client can read them.
+    """
+    answered = {"model": str(model["name"]), "model_version": str(model["version"]),
+                "served_path": str(model["served_path"])}
+    request[ANSWERED_BY] = answered
+    response.headers.update({"X-Model-Name": answered["model"], "X-Model-Version": answered["model_version"],
+                             "X-Served-Path": answered["served_path"]})
+    return response
 
 
 def served_path(model: LoadedModel) -> dict[str, Any]:

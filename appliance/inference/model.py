@@ -24,6 +24,7 @@ from ..errors import ModelError
 from ..modeldir import MANIFEST, Artifact, Manifest as Manifest, ServedPath, verify_files
 from .paths import Choice, Wanted, choose_path, legacy_paths
 from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
+from .timing import measured_choice, timings_file
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class LoadedModel:
         return info
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """The version directory to serve: `path` itself, or its highest numbered version."""
+def resolve_model_dir(path: Path, pin_version: str = "") -> Path:
+    """The version directory to serve: `path` itself, or its version `pin_version`, else its highest numbered one."""
     if path.is_file():
         if path.suffix in CHECKPOINT_SUFFIXES or path.name.endswith(".pth.tar"):
             raise ModelError(
@@ -78,13 +79,27 @@ def resolve_model_dir(path: Path) -> Path:
             )
         raise ModelError(f"model.path: {path} is a file; expected a model directory made by convert")
     if (path / MANIFEST).is_file():
+        if pin_version:
+            raise ModelError(f"model.pin_version: {pin_version!r} needs model.path to be a model's directory "
+                             f"(holding numbered versions); {path} is one version: set model.path to {path.parent}")
         return path
     if not path.is_dir():
         raise ModelError(f"model.path: {path} does not exist (build the demo with: python -m convert demo)")
-    versions = [p for p in path.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file()]
+    versions = model_versions(path)
+    if pin_version:
+        if pin_version not in {p.name for p in versions}:
+            raise ModelError(f"model.pin_version: {pin_version!r} is not a version in {path} "
+                             f"(has: {', '.join(p.name for p in versions) or 'none'})")
+        return path / pin_version
     if not versions:
         raise ModelError(f"model.path: {path} holds no {MANIFEST} and no numbered version directory with one")
-    return max(versions, key=lambda p: int(p.name))
+    return versions[-1]
+
+
+def model_versions(path: Path) -> list[Path]:
+    """The numbered version directories of a model's directory that hold a manifest, lowest first."""
+    found = [p for p in path.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file()] if path.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name))
 
 
 def _suggest_name(path: Path) -> str:
@@ -129,17 +144,27 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
 
 
 def load_model(
-    path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = ()
+    path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = (),
+    pin_version: str = "", measure_in: Path | None = None,
 ) -> LoadedModel:
-    """Resolve, verify (signature by one of `trusted_keys` when given), choose the served path, load, warm up
-    and self-check; raise ModelError on any failure."""
-    directory = resolve_model_dir(path)
+    """Resolve (`pin_version` or the highest), verify (signature by one of `trusted_keys` when given), choose the
+    served path (by timing them on this machine, cached in `measure_in`, when given), load, warm up and
+    self-check; raise ModelError on any failure."""
+    directory = resolve_model_dir(path, pin_version)
     manifest = read_manifest(directory, trusted_keys)
     runtime = create_runtime(wanted.runtime, runtime_config)
-    choice = choose(manifest, wanted, type(runtime).formats)
+    formats = type(runtime).formats
+    choice = choose(manifest, wanted, formats)
+    verify_files(directory, manifest.golden_sha256, "golden image")
+    candidates = [p for p in manifest.served_paths
+                  if p.passed and wanted.allows(p) and manifest.artifacts[p.artifact].format in formats]
+    if measure_in is not None and not choice.degraded and len(candidates) > 1:
+        for artifact_key in sorted({p.artifact for p in candidates}):  # nothing unverified runs, timed or served
+            verify_files(directory, manifest.artifacts[artifact_key].files, f"artifact {artifact_key}")
+        cache = timings_file(measure_in, manifest, wanted.runtime, wanted.precision, runtime.describe()["device"])
+        choice = measured_choice(manifest, candidates, lambda: create_runtime(wanted.runtime, runtime_config), cache)
     artifact = manifest.artifacts[choice.path.artifact]
     verify_files(directory, artifact.files, f"artifact {artifact.key}")
-    verify_files(directory, manifest.golden_sha256, "golden image")
     runtime.load(directory / artifact.file)
     model = LoadedModel(manifest, artifact, runtime, choice)
     try:

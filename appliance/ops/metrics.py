@@ -80,6 +80,11 @@ class Metrics:
                                        registry=self.registry)
         self.batch_size = Histogram("appliance_inference_batch_size", "Images per runtime call.",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_reloads = Counter("appliance_model_reloads", "Model reloads, by result: ok (swapped), refused "
+                                     "(a check failed; the current version kept serving), unchanged.", ["result"],
+                                     registry=self.registry)
+        for result in ("ok", "refused", "unchanged"):
+            self.model_reloads.labels(result)  # present from the start: a dashboard sees 0, not nothing
         self.recent = RecentRequests()
         self.facts: dict[str, Any] = {}
         self.registry.register(_FactsCollector(self))

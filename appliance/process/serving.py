@@ -1,4 +1,4 @@
-"""Serving the app until SIGTERM or SIGINT, then draining without cutting an upload short.
+"""Serving the app until SIGTERM or SIGINT, then draining without cutting an upload short; SIGHUP reloads the model.
 
 aiohttp's `web.run_app` closes every connection the moment shutdown begins,
 and a closed connection drops the bytes that arrive after that: a phone photo
@@ -12,6 +12,10 @@ steps instead:
    at most `server.shutdown_timeout_s`;
 3. aiohttp's own cleanup: idle keep-alive connections close, whatever still
    runs is cancelled, and the app's cleanup contexts flush sync and the store.
+
+SIGHUP (`systemctl reload`, `appliance reload`) swaps the model without
+stopping (appliance/inference/lifecycle.py); without a handler it would end
+the process and every request in flight.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..keys import STATE
+from ..keys import MODELS, STATE
 from ..security.protocol import JsonErrorRunner
 
 log = logging.getLogger("appliance")
@@ -53,6 +57,17 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_once)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload() -> None:
+        if not app[STATE].ready or stop.is_set():  # ready: the model, and the clinic a swap updates, are up
+            log.warning("SIGHUP ignored: the server is still starting, or stopping")
+            return
+        task: asyncio.Task[object] = loop.create_task(app[MODELS].reload("SIGHUP"), name="model-reload")
+        reloads.add(task)  # referenced until done: the loop keeps only weak references to tasks
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     # After our own drain, aiohttp only waits a moment more before cancelling what is left.
     # No access log of aiohttp's: appliance.api.monitoring logs one line per request, with its id.
     # JsonErrorRunner: parser errors (header too long, too many headers) answer JSON, never the request's bytes.
@@ -82,4 +97,7 @@ async def _serve(app: web.Application, host: str, port: int, ssl_context: ssl.SS
             log.warning("stopping: %d request(s) still running after %.0f s are cancelled",
                         state.requests_in_progress, shutdown_timeout_s)
     finally:
+        for task in reloads:  # a model still loading is not worth waiting for
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await runner.cleanup()

@@ -3,7 +3,8 @@
 When systemd starts the appliance (`Type=notify`) it passes `$NOTIFY_SOCKET`,
 a unix datagram socket. We send `READY=1` once the server listens with the
 model self-checked and the store open (so `/ready` answers 200), readable
-`STATUS=` lines for `systemctl status`, `WATCHDOG=1` from the event loop at
+`STATUS=` lines for `systemctl status`, `RELOADING=1` then `READY=1` around a
+model reload (appliance/inference/lifecycle.py), `WATCHDOG=1` from the event loop at
 half of `$WATCHDOG_USEC` (a wedged loop stops pinging and systemd restarts
 us), and `STOPPING=1` when shutdown starts. Without `$NOTIFY_SOCKET` every
 call is a no-op. The protocol is a few lines; no dependency is worth it.
@@ -16,11 +17,12 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from ..keys import CONFIG, MODEL, STATE, SYNC
+from ..keys import CONFIG, MODELS, STATE, SYNC
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ServiceNotifications:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_status = ""
         self._stopping = False
+        self._reloading = False
 
     async def starting(self, app: web.Application) -> None:
         """First start-up hook: say what is being loaded (it may take a while)."""
@@ -116,8 +119,25 @@ class ServiceNotifications:
             return
         self._last_status = self.status()
         self.notifier.send("READY=1", f"STATUS={self._last_status}")
+        self.app[MODELS].beginning.append(self.reloading)
+        self.app[MODELS].listeners.append(self.reloaded)
         if self.notifier.enabled:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="systemd-heartbeat")
+
+    def reloading(self, trigger: str) -> None:
+        """A model reload began: `systemctl status` shows "reloading" until `reloaded` says READY=1."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000  # systemd matches it to its own reload request
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
+                           f"STATUS=Reloading ({trigger}): verifying, loading and self-checking the model; "
+                           "the current version serves meanwhile")
+        self._reloading = True
+
+    def reloaded(self, outcome: object) -> None:
+        """A model reload ended (swapped, refused or unchanged): READY=1 again, and STATUS= saying how."""
+        self._last_status = self.status()
+        lines = ["READY=1"] if self._reloading else []
+        self._reloading = False
+        self.notifier.send(*lines, f"STATUS={self._last_status}")
 
     async def stopping(self, app: web.Application) -> None:
         """Shutdown began: tell systemd before the drain, so `systemctl status` says why we linger (once)."""
@@ -135,13 +155,17 @@ class ServiceNotifications:
 
     def status(self) -> str:
         """One line for `systemctl status`: model, artifact, runtime, address, sync state and backlog."""
-        model = self.app[MODEL].describe()
+        model = self.app[MODELS].current.describe()
         demo = ", DEMO" if model["demo"] else ""
         degraded = ", DEGRADED" if model.get("degraded") else ""
         line = (f"Ready: {model['name']} v{model['version']} ({model['served_path']}{demo}{degraded}) "
                 f"on {model['runtime']}/{model['device']}")
         if self.url:
             line += f" at {self.url}"
+        last = self.app[MODELS].last_reload
+        if last is not None and last.result == "refused":
+            # Stays until a reload succeeds: the operator must see that the new version is not serving.
+            line += f"; reload of v{last.version or '?'} REFUSED: {last.reason}"
         sync = sync_summary(self.app)
         if sync:
             line += f"; {sync}"

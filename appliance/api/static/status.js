@@ -35,6 +35,10 @@ function render(status) {
   const inference = status.inference || {};
   set("model-name", model.name);
   set("model-version", model.version);
+  set("model-available", model.available_version);
+  const reload = model.last_reload;
+  set("model-last-reload", reload ? reload.at + " (" + reload.trigger + "): " + reload.result + " v" + (reload.version || "?") +
+      ": " + reload.reason : "none since start");
   set("model-artifact", model.artifact ? model.artifact + (model.precision ? " (" + model.precision + ")" : "") : null);
   const served = status.served_path || {};
   set("served-path", served.key);
