@@ -118,7 +118,7 @@ def test_server_live_ready_and_metadata(client: triton.InferenceServerClient) ->
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.get_server_metadata() == {
-        "name": "derm-appliance", "version": __version__, "extensions": ["binary_tensor_data"]}
+        "name": "derm-appliance", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 def test_model_metadata_and_readiness(client: triton.InferenceServerClient) -> None:

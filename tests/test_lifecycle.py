@@ -35,6 +35,7 @@ from appliance.security.auth import ApiKeys, Role
 
 from .buckets import Bucket, Server
 from .conftest import encode, photo, rewrite_manifest
+from .liveserver import serve_in_thread
 from .test_serve import ROOT, port_of, post_image, running, wait_ready, write_config
 from .test_sync_models import model_config, publish
 
@@ -282,6 +283,28 @@ async def test_repository_api_loads_with_an_admin_key_only(
     assert response.status == 422 and body["error"].startswith("Version 3 refused: self-check failed for ")
     assert body["error"].endswith("; still serving v2")
     assert app[MODELS].current.manifest.version == "2"
+
+
+def test_tritons_own_client_drives_the_repository_api(make_config: Any, model_root: Path,
+                                                     tiny_model_dir: Path) -> None:
+    """tritonclient's index, load and unload calls, as a fleet's tooling would make them, with an admin key."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    app = create_app(make_config(model__path=str(model_root)), api_keys=KEYS)
+    admin = {"X-API-Key": "k-boss"}
+    with serve_in_thread(app) as address, triton.InferenceServerClient(address) as client:
+        with pytest.raises(InferenceServerException, match="Only an admin key may change the served model"):
+            client.load_model("tiny", headers={"X-API-Key": "k-phones"})
+        add_version(model_root, tiny_model_dir, 2)
+        assert client.get_model_repository_index(headers=admin) == [
+            {"name": "tiny", "version": "1", "state": "READY", "reason": ""},
+            {"name": "tiny", "version": "2", "state": "UNAVAILABLE", "reason": "not loaded"}]
+        client.load_model("tiny", headers=admin)
+        assert client.get_model_metadata("tiny", headers=admin)["versions"] == ["2"]
+        assert client.is_model_ready("tiny", "2", headers=admin)
+        with pytest.raises(InferenceServerException, match="is the only model served and cannot be unloaded"):
+            client.unload_model("tiny", headers=admin)
 
 
 async def test_repository_api_with_no_keys_answers_loopback(aiohttp_client: Any, make_config: Any,

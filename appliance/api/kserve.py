@@ -47,7 +47,7 @@ routes = web.RouteTableDef()  # paths under PREFIX
 
 PREFIX = "/v2"
 SERVER_NAME = "derm-appliance"
-EXTENSIONS = ("binary_tensor_data",)  # model_repository is served but not listed: clients that read it would expect Triton's multi-model repository
+EXTENSIONS = ("binary_tensor_data", "model_repository")  # model_repository: index, load and unload of this one model (admin)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton's platform names, so fleet tooling reads ours the same way.
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
