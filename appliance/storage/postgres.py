@@ -35,7 +35,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +44,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..errors import StoreError, StoreUnavailable
 from . import StoredImage
 from . import records as R
-from .base import EVERY_CASE, BaseStore, CaseQuery, CaseRow, Row
+from .base import BaseStore
 from .config import StorageConfig, resolve_database_url
 from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
 from .images import ImagePlace, LocalImages, image_key, open_images
+from .sqlrecords import PostgresRecords, SQLRecords
 from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, now_iso, check_key, describe_dsn, enqueue, migrate, one_line
 
 if TYPE_CHECKING:
@@ -241,11 +241,11 @@ class PostgresStore(BaseStore):
         return self.pool.connection(timeout=wait)
 
     @contextlib.contextmanager
-    def _section(self, user_id: str | None, write: bool) -> Iterator[_Records]:
+    def _section(self, user_id: str | None, write: bool) -> Iterator[SQLRecords]:
         with self._connection() as conn, conn.transaction():
             if write:
                 conn.execute(USER_LOCK, (user_id,))
-            yield _Records(self, conn, user_id)
+            yield PostgresRecords(self, conn, user_id, enqueue)
 
     def _user_ids(self) -> list[str]:
         with self._connection() as conn:
@@ -397,93 +397,3 @@ class PostgresStore(BaseStore):
             "schema_version": SCHEMA_VERSION,
             "pool_size": self.pool_size,
         }
-
-
-class _Records:
-    """One user's rows (or every user's case rows) in one transaction; see base.Records."""
-
-    def __init__(self, store: PostgresStore, conn: psycopg.Connection, user_id: str | None) -> None:
-        self.store, self.conn, self.user_id = store, conn, user_id
-
-    def _dumps(self, record: dict[str, Any]) -> str:
-        assert self.user_id is not None
-        return self.store.sealer.dumps(record, self.user_id)
-
-    def _rows(self, sql: str, *params: Any) -> list[Row]:
-        assert self.user_id is not None
-        rows = self.conn.execute(sql, params).fetchall()  # constant SQL
-        return [Row(seq, self.store._load(body, self.user_id)) for seq, body in rows]
-
-    def counter(self) -> int | None:
-        row = self.conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = %s", (self.user_id,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def set_counter(self, last: int) -> None:
-        self.conn.execute(
-            "INSERT INTO case_counters (user_id, last_case_id, updated_at) VALUES (%s, %s, %s)"
-            " ON CONFLICT (user_id) DO UPDATE SET last_case_id = excluded.last_case_id,"
-            " updated_at = excluded.updated_at",
-            (self.user_id, last, now_iso()),
-        )
-
-    def images(self, case_id: str | None = None) -> list[Row]:
-        if case_id is None:
-            return self._rows("SELECT seq, record FROM images WHERE user_id = %s ORDER BY seq", self.user_id)
-        return self._rows(
-            "SELECT seq, record FROM images WHERE user_id = %s AND case_id = %s ORDER BY seq", self.user_id, case_id
-        )
-
-    def image(self, image_id: str) -> Row | None:
-        rows = self._rows("SELECT seq, record FROM images WHERE user_id = %s AND image_id = %s", self.user_id, image_id)
-        return rows[0] if rows else None
-
-    def cases(self, case_id: str) -> list[Row]:
-        return self._rows(
-            "SELECT seq, record FROM cases WHERE user_id = %s AND case_id = %s ORDER BY seq", self.user_id, case_id
-        )
-
-    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
-        # Filtered, ordered and limited by the database, on the indexed columns only: a body
-        # is read (and decrypted) once its row is picked. created_at is COLLATE "C": ISO strings
-        # then order by time, as they do in Python and SQLite, whatever the database's locale.
-        where, params = query.where(self.user_id, "%s")
-        sql = f"SELECT seq, entry_type, status_key, created_at FROM cases{where} ORDER BY created_at DESC, seq DESC"
-        if query.limit is not None:
-            sql, params = sql + " LIMIT %s", [*params, max(query.limit, 0)]
-        rows = self.conn.execute(sql, params).fetchall()
-        return [
-            CaseRow((created_at, seq), entry_type, status_key, partial(self._case_body, seq))
-            for seq, entry_type, status_key, created_at in rows
-        ]
-
-    def _case_body(self, seq: int) -> dict[str, Any]:
-        row = self.conn.execute("SELECT user_id, record FROM cases WHERE seq = %s", (seq,)).fetchone()
-        assert row is not None
-        return self.store._load(row[1], row[0])
-
-    def put_image(self, row: Row) -> None:
-        self.conn.execute("UPDATE images SET record = %s WHERE seq = %s", (self._dumps(row.record), row.key))
-
-    def put_case(self, row: Row) -> None:
-        rec = row.record
-        self.conn.execute(
-            "UPDATE cases SET status_key = %s, created_at = %s, record = %s WHERE seq = %s",
-            (R.status_key(rec.get("status")), R.created_key(rec), self._dumps(rec), row.key),
-        )
-
-    def add_case(self, record: dict[str, Any]) -> None:
-        self.conn.execute(
-            "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (self.user_id, record["case_id"], record["entry_type"], R.status_key(record.get("status")),
-             R.created_key(record), self._dumps(record)),
-        )
-
-    def delete_case(self, row: Row) -> None:
-        self.conn.execute("DELETE FROM cases WHERE seq = %s", (row.key,))
-
-    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
-        # Inside the section's transaction: the job commits with the record it announces.
-        if self.store.outbox_enabled:
-            assert self.user_id is not None
-            enqueue(self.conn, kind, self.user_id, ref, size_bytes)

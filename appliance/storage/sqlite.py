@@ -23,7 +23,6 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,12 @@ from sqlite_utils import Database
 from ..errors import StoreError
 from . import StoredImage
 from . import records as R
-from .base import EVERY_CASE, BaseStore, CaseQuery, CaseRow, Row
+from .base import BaseStore
 from .crypto import envelope_bytes, image_binding
 from .files import check_id, make_dir, remove_durable, write_atomic
 from .outbox import create_table as create_outbox_table
 from .outbox import enqueue as enqueue_job
+from .sqlrecords import SQLRecords
 
 DB_NAME = "appliance.db"
 IMAGES_DIR = "images"
@@ -214,13 +214,13 @@ class SQLiteStore(BaseStore):
     # -- plumbing -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _section(self, user_id: str | None, write: bool) -> Iterator[_Records]:
+    def _section(self, user_id: str | None, write: bool) -> Iterator[SQLRecords]:
         assert self._conn is not None
         if not write:
-            yield _Records(self, self._conn, user_id)
+            yield SQLRecords(self, self._conn, user_id, enqueue_job)
             return
         with self._transaction() as conn:
-            yield _Records(self, conn, user_id)
+            yield SQLRecords(self, conn, user_id, enqueue_job)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -342,91 +342,3 @@ class SQLiteStore(BaseStore):
             "db_bytes": db_bytes,
             "schema_version": SCHEMA_VERSION,
         }
-
-
-
-class _Records:
-    """One user's rows (or every user's case rows) on the store's connection; see base.Records."""
-
-    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, user_id: str | None) -> None:
-        self.store, self.conn, self.user_id = store, conn, user_id
-
-    def _dumps(self, record: dict[str, Any]) -> str:
-        assert self.user_id is not None
-        return self.store.sealer.dumps(record, self.user_id)
-
-    def _rows(self, sql: str, *params: Any) -> list[Row]:
-        # Every caller selects one user's rows (WHERE user_id = ?), and the body is bound to that user.
-        assert self.user_id is not None
-        return [Row(seq, self.store._load(body, self.user_id)) for seq, body in self.conn.execute(sql, params).fetchall()]
-
-    def counter(self) -> int | None:
-        row = self.conn.execute("SELECT last_case_id FROM case_counters WHERE user_id = ?", (self.user_id,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def set_counter(self, last: int) -> None:
-        self.conn.execute(
-            "INSERT INTO case_counters (user_id, last_case_id, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (user_id) DO UPDATE SET last_case_id = excluded.last_case_id,"
-            " updated_at = excluded.updated_at",
-            (self.user_id, last, _now()),
-        )
-
-    def images(self, case_id: str | None = None) -> list[Row]:
-        if case_id is None:
-            return self._rows("SELECT seq, record FROM images WHERE user_id = ? ORDER BY seq", self.user_id)
-        return self._rows(
-            "SELECT seq, record FROM images WHERE user_id = ? AND case_id = ? ORDER BY seq", self.user_id, case_id
-        )
-
-    def image(self, image_id: str) -> Row | None:
-        rows = self._rows("SELECT seq, record FROM images WHERE user_id = ? AND image_id = ?", self.user_id, image_id)
-        return rows[0] if rows else None
-
-    def cases(self, case_id: str) -> list[Row]:
-        return self._rows(
-            "SELECT seq, record FROM cases WHERE user_id = ? AND case_id = ? ORDER BY seq", self.user_id, case_id
-        )
-
-    def case_rows(self, query: CaseQuery = EVERY_CASE) -> list[CaseRow]:
-        # Filtered, ordered and limited by the database, on the indexed columns only: a body
-        # is read (and decrypted) once its row is picked.
-        where, params = query.where(self.user_id, "?")
-        sql = f"SELECT seq, entry_type, status_key, created_at FROM cases{where} ORDER BY created_at DESC, seq DESC"
-        if query.limit is not None:
-            sql, params = sql + " LIMIT ?", [*params, max(query.limit, 0)]
-        return [
-            CaseRow((created_at, seq), entry_type, status_key, partial(self._case_body, seq))
-            for seq, entry_type, status_key, created_at in self.conn.execute(sql, params).fetchall()
-        ]
-
-    def _case_body(self, seq: int) -> dict[str, Any]:
-        user_id, body = self.conn.execute("SELECT user_id, record FROM cases WHERE seq = ?", (seq,)).fetchone()
-        return self.store._load(body, user_id)
-
-    def put_image(self, row: Row) -> None:
-        self.conn.execute("UPDATE images SET record = ? WHERE seq = ?", (self._dumps(row.record), row.key))
-
-    def put_case(self, row: Row) -> None:
-        rec = row.record
-        self.conn.execute(
-            "UPDATE cases SET status_key = ?, created_at = ?, record = ? WHERE seq = ?",
-            (R.status_key(rec.get("status")), R.created_key(rec), self._dumps(rec), row.key),
-        )
-
-    def add_case(self, record: dict[str, Any]) -> None:
-        self.conn.execute(
-            "INSERT INTO cases (user_id, case_id, entry_type, status_key, created_at, record)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (self.user_id, record["case_id"], record["entry_type"], R.status_key(record.get("status")),
-             R.created_key(record), self._dumps(record)),
-        )
-
-    def delete_case(self, row: Row) -> None:
-        self.conn.execute("DELETE FROM cases WHERE seq = ?", (row.key,))
-
-    def enqueue(self, kind: str, ref: str, size_bytes: int) -> None:
-        # Inside the section's transaction: the job commits with the record it announces.
-        if self.store.outbox_enabled:
-            assert self.user_id is not None
-            enqueue_job(self.conn, kind, self.user_id, ref, size_bytes)
