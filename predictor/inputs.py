@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from kserve import InferRequest
 
-from appliance.errors import BadRequest, PayloadTooLarge
+from appliance.api.kserve import check_rows
+from appliance.errors import BadRequest
 from appliance.modeldir import Manifest
 
 
@@ -35,21 +36,7 @@ def read_batch(request: InferRequest, manifest: Manifest, *, max_rows: int) -> B
         raise BadRequest(f"Unknown input '{tensor.name}'; the model's input is '{manifest.input_name}'")
     label = f"Input '{tensor.name}'"
     shape = list(tensor.shape)
-    crop = manifest.preprocessing.crop
-    if tensor.datatype == "FP32":
-        if len(shape) != 4 or shape[1:] != [3, crop, crop] or shape[0] < 1:
-            raise BadRequest(f"{label}: FP32 shape must be [N, 3, {crop}, {crop}] with N >= 1; got {shape}")
-    elif tensor.datatype == "BYTES":
-        if len(shape) != 1 or shape[0] < 1:
-            raise BadRequest(f"{label}: BYTES shape must be [N] with N >= 1 (one encoded image each); got {shape}")
-    else:
-        raise BadRequest(
-            f"{label}: datatype must be FP32 (a preprocessed [N, 3, {crop}, {crop}] tensor) "
-            f"or BYTES (encoded images, shape [N]); got '{tensor.datatype}'"
-        )
-    rows = shape[0]
-    if rows > max_rows:
-        raise PayloadTooLarge(f"{label}: a batch of {rows} exceeds the limit of {max_rows} (inference.queue_size)")
+    check_rows(label, tensor.datatype, shape, manifest.preprocessing.crop, max_rows)
     try:
         array = tensor.as_numpy()
     except ValueError:  # JSON data of the wrong length, or not numbers

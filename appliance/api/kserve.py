@@ -254,21 +254,7 @@ def parse_infer_request(body: bytes, header_length: str | None, manifest: Manife
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"{label}: shape must be a list of non-negative whole numbers")
-    crop = manifest.preprocessing.crop
-    if datatype == "FP32":
-        if len(shape) != 4 or shape[1:] != [3, crop, crop] or shape[0] < 1:
-            raise BadRequest(f"{label}: FP32 shape must be [N, 3, {crop}, {crop}] with N >= 1; got {shape}")
-    elif datatype == "BYTES":
-        if len(shape) != 1 or shape[0] < 1:
-            raise BadRequest(f"{label}: BYTES shape must be [N] with N >= 1 (one encoded image each); got {shape}")
-    else:
-        raise BadRequest(
-            f"{label}: datatype must be FP32 (a preprocessed [N, 3, {crop}, {crop}] tensor) "
-            f"or BYTES (encoded images, shape [N]); got {_quote(datatype)}"
-        )
-    rows = shape[0]
-    if rows > max_rows:
-        raise PayloadTooLarge(f"{label}: a batch of {rows} exceeds the limit of {max_rows} (inference.queue_size)")
+    rows = check_rows(label, datatype, shape, manifest.preprocessing.crop, max_rows)
 
     size = _parameters(tensor, label).get("binary_data_size")
     has_data = "data" in tensor
@@ -332,6 +318,27 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if length > len(body):
         raise BadRequest(f"Header {HEADER_LENGTH} is {length} but the body holds {len(body)} bytes")
     return body[:length], body[length:]
+
+
+def check_rows(label: str, datatype: Any, shape: list[int], crop: int, max_rows: int) -> int:
+    """The batch's row count for an FP32 [N, 3, crop, crop] or BYTES [N] input; BadRequest / PayloadTooLarge if not.
+
+    Shared with the KServe SDK predictor (predictor/inputs.py), so both answer a fault in the same words.
+    """
+    if datatype == "FP32":
+        if len(shape) != 4 or shape[1:] != [3, crop, crop] or shape[0] < 1:
+            raise BadRequest(f"{label}: FP32 shape must be [N, 3, {crop}, {crop}] with N >= 1; got {shape}")
+    elif datatype == "BYTES":
+        if len(shape) != 1 or shape[0] < 1:
+            raise BadRequest(f"{label}: BYTES shape must be [N] with N >= 1 (one encoded image each); got {shape}")
+    else:
+        raise BadRequest(
+            f"{label}: datatype must be FP32 (a preprocessed [N, 3, {crop}, {crop}] tensor) "
+            f"or BYTES (encoded images, shape [N]); got {_quote(datatype)}"
+        )
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(f"{label}: a batch of {shape[0]} exceeds the limit of {max_rows} (inference.queue_size)")
+    return shape[0]
 
 
 def _quote(value: Any) -> str:
