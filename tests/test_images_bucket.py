@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import obstore
 import pytest
 
@@ -256,3 +257,45 @@ def test_open_images_local_is_files_under_the_root(tmp_path: Path) -> None:
     assert place.get("user001/img1.jpg") == JPEG
     place.delete("user001/img1.jpg")
     assert place.get("user001/img1.jpg") is None
+
+
+async def test_ready_and_writes_answer_503_while_the_image_bucket_is_down_then_recover(
+        aiohttp_client: Any, make_config: Any, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The appliance on postgres with images in a bucket, the bucket's server stopped and started again."""
+    from appliance.app import create_app
+
+    from .conftest import encode, photo
+
+    monkeypatch.setattr(BucketImages, "PROBE_INTERVAL_S", 0.0)  # probe at every /ready: no waiting in the test
+    server = Server("s3", tmp_path / "moto")
+    server.start()
+    try:
+        bucket = Bucket(server, "clinic", tmp_path)
+        bucket.create()
+        overrides = {f"bucket__{k.split('__')[1]}": v for k, v in bucket.config().items()}
+        app = create_app(make_config(storage__backend="postgres", storage__images="bucket",
+                                     storage__images_url=bucket.url("images"), **overrides))
+        client = await aiohttp_client(app)
+        headers = {"X-User-Id": "user001"}
+
+        async def upload() -> tuple[int, dict[str, Any], str | None]:
+            form = aiohttp.FormData()
+            form.add_field("file", encode(photo(seed=3)), filename="a.jpg", content_type="image/jpeg")
+            response = await client.post("/check-image", data=form, headers=headers)
+            return response.status, await response.json(), response.headers.get("Retry-After")
+
+        assert (await client.get("/ready")).status == 200
+        assert (await upload())[0] == 200
+        server.stop()
+        ready = await client.get("/ready")
+        assert (ready.status, (await ready.json())["checks"]) == (503, {"model": True, "store": False})
+        assert await upload() == (503, {"detail": "the image bucket does not answer; try again later"}, "5")
+        server.start()
+        bucket.create()  # moto keeps buckets in memory
+        assert (await client.get("/ready")).status == 200
+        status, answer, _ = await upload()
+        assert status == 200
+        assert f"images/user001/{answer['image_id']}.jpg" in bucket.keys("images")
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,6 +51,9 @@ class ImagePlace(Protocol):
     def delete(self, key: str) -> None:
         """Remove what is at `key`; nothing there is fine."""
 
+    def check(self) -> None:
+        """Raise StoreUnavailable when the place does not answer (for /ready); cheap enough for every probe."""
+
 
 def image_key(user_id: str, image_id: str, suffix: str, *, sealed: bool) -> str:
     """The key of an image: encrypted bytes are named .bin, no longer a .jpg, .png or .webp."""
@@ -81,6 +85,9 @@ class LocalImages:
         with contextlib.suppress(FileNotFoundError):
             self.path(key).unlink()
 
+    def check(self) -> None:
+        """Files on this machine's disk: the store's own errors say when they fail."""
+
 
 class BucketImages:
     """Objects under a bucket URL's prefix (`<prefix>/<user_id>/<image_id><suffix>`), through a buckets Target.
@@ -96,6 +103,7 @@ class BucketImages:
         self.where = target.url.split("?", 1)[0]  # what messages name: never a query's signature
         self._down = False  # inside an outage: logged when it began, logged again when it ends
         self._down_lock = threading.Lock()
+        self._next_probe = 0.0  # monotonic time of the next probe `check` may make
 
     def put(self, key: str, data: bytes) -> None:
         content_type = CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")
@@ -118,6 +126,20 @@ class BucketImages:
     def delete(self, key: str) -> None:
         with self._answering(f"removing image {key}"):
             self.target.delete_sync(key)
+
+    # A probe is one small GET; between probes `check` answers from the last one and what calls saw, so a
+    # load balancer's frequent /ready never queues the store's thread behind a bucket that times out.
+    PROBE_INTERVAL_S = 5.0
+    PROBE_KEY = ".appliance-probe"  # never an image's key: ids have no dots
+
+    def check(self) -> None:
+        """StoreUnavailable while the bucket does not answer, from a probe at most every PROBE_INTERVAL_S."""
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + self.PROBE_INTERVAL_S
+            self.get(self.PROBE_KEY)  # StoreUnavailable now if it does not answer; an answer ends an outage
+        elif self._down:
+            raise StoreUnavailable("the image bucket does not answer; try again later")
 
     @contextlib.contextmanager
     def _answering(self, action: str) -> Iterator[None]:

@@ -373,7 +373,8 @@ class PostgresStore(BaseStore):
     # -- status -------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Backend, root, record counts and image bytes; StoreUnavailable while the database is down."""
+        """Backend, root, record counts and image bytes; StoreUnavailable while the database or image bucket is down."""
+        self.images.check()
         with self._using("reading store stats"):
             if time.monotonic() >= self._next_sweep:
                 self.sweep_pending()
