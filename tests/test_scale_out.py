@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,6 @@ class Cluster:
     procs: list[Any]
     bucket: Bucket
     database_url: str
-    images_prefix: str = "images"
-    answers: list[tuple[int, dict[str, Any], dict[str, str]]] = field(default_factory=list)
 
     def call(self, instance: int, method: str, path: str, body: Any = None, *,
              user: str = USER) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -77,8 +75,9 @@ def call(port: int, method: str, path: str, body: Any = None, *, user: str = USE
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def started_cluster(tmp_path: Path, model: Path, database_url: str, extra: str = "") -> Iterator[Cluster]:
+    """Three instances on one database and one moto bucket (images under images/), `extra` TOML added to each."""
     s3 = Server("s3", tmp_path / "s3")
     s3.start()
     try:
@@ -92,10 +91,10 @@ def cluster(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator
                 home.mkdir()
                 config = home / "config.toml"
                 config.write_text(
-                    f'[server]\nport = {port}\n[model]\npath = "{tiny_model_dir}"\n'
+                    f'[server]\nport = {port}\n[model]\npath = "{model}"\n'
                     f'[storage]\nbackend = "postgres"\nroot = "{home / "data"}"\n'
                     f'images = "bucket"\nimages_url = "{bucket.url("images")}"\n'
-                    f"[bucket]\n{bucket.toml()}"
+                    f"[bucket]\n{bucket.toml()}{extra}"
                 )
                 procs.append(stack.enter_context(running(config, DATABASE_URL=database_url)))
             for proc, port in zip(procs, ports, strict=True):
@@ -103,6 +102,12 @@ def cluster(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator
             yield Cluster(ports, procs, bucket, database_url)
     finally:
         s3.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Cluster]:
+    with started_cluster(tmp_path, tiny_model_dir, database_url) as started:
+        yield started
 
 
 def stored_image_ids(database_url: str, root: Path, user: str = USER) -> set[str]:
@@ -281,3 +286,36 @@ def test_a_box_moves_in_with_migrate_store_and_every_instance_serves_its_data(
         assert [(c["case_id"], c["status"], c["image_ids"]) for c in listed["cases"]] == [
             ("10007", "Confirmed", ["old-img"])]
     assert cluster.call(2, "POST", "/cases/next-id")[:2] == (200, {"case_id": "10008"})  # the box's counter moved in
+
+
+def test_the_instances_drain_one_shared_outbox_into_the_bucket(
+    tmp_path: Path, tiny_model_dir: Path, database_url: str
+) -> None:
+    """Sync on in every instance, one box_id for the group: whatever instance answered, it all reaches the bucket."""
+    sync = '[sync]\nenabled = true\nurl = "s3://clinic/sync"\nbox_id = "clinic-group"\npoll_interval_s = 0.2\n'
+    with started_cluster(tmp_path, tiny_model_dir, database_url, sync) as cluster:
+        answers = [cluster.call(n % 3, "POST", "/check-image", JPEGS[n % len(JPEGS)])[1] for n in range(6)]
+        case_id = answers[0]["case_id"]
+        assert cluster.call(1, "POST", "/cases", {"case_id": case_id, "status": "Confirmed"})[0] == 200
+        day = time.strftime("%Y/%m/%d", time.gmtime())  # the records' UTC day
+        wanted = {f"sync/clinic-group/images/{USER}/{day}/{a['image_id']}{suffix}"
+                  for a in answers for suffix in (".jpg", ".json")}
+        wanted.add(f"sync/clinic-group/cases/{USER}/{case_id}.json")
+        deadline = time.monotonic() + 60
+        while not wanted <= set(cluster.bucket.keys("sync")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wanted - set(cluster.bucket.keys("sync")) == set()
+        case = json.loads(cluster.bucket.read(f"sync/clinic-group/cases/{USER}/{case_id}.json")[0])
+        assert (case["status"], case["image_ids"]) == ("Confirmed", [answers[0]["image_id"]])
+        while _outbox_jobs(database_url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _outbox_jobs(database_url) == 0
+
+
+def _outbox_jobs(database_url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    assert row is not None
+    return int(row[0])
