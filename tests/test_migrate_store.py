@@ -165,22 +165,31 @@ def test_an_interrupted_copy_resumes(tmp_path: Path, source: str, config_file: P
         assert snapshot(copy) == filled
 
 
-def test_counters_are_never_lowered_and_changed_cases_take_the_sources(
+def test_counters_are_never_lowered_and_a_case_the_target_holds_is_never_overwritten(
         tmp_path: Path, source: str, config_file: Path, filled: dict[str, Any],
         capsys: pytest.CaptureFixture[str]) -> None:
     target = "disk" if source == "sqlite" else "sqlite"
+    edited = {"entry_type": "case", "case_id": "10002", "user_id": "user001", "status": "other",
+              "created_at": "2026-01-02T00:00:00+00:00"}
     with opened(target, tmp_path / "to") as to_store:
         raise_case_counter(to_store, "user003", 10050)  # the target issued more ids already
-        log_case(to_store, "user001", {"entry_type": "case", "case_id": "10002", "user_id": "user001",
-                                       "status": "other", "created_at": "2026-01-02T00:00:00+00:00"})
-    assert main(["migrate-store", "--to", target, "--to-root", str(tmp_path / "to"), "--config", str(config_file)]) == 0
-    assert capsys.readouterr().out.endswith(
-        ": users 3; 8 copied, 1 already there; images 4 copied, 0 already there; case records 3 copied, "
-        "0 already there; counters 1 raised, 1 already as high; 0 not copied\n")
+        log_case(to_store, "user001", edited)  # an edit made on the target (or another box's case 10002)
+    args = ["migrate-store", "--to", target, "--to-root", str(tmp_path / "to"), "--config", str(config_file)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ("appliance: cannot copy user user001 case 10002: the target already holds a different "
+                            "record of this case; kept the target's\n")
+    assert captured.out.endswith(
+        ": users 3; 7 copied, 1 already there; images 4 copied, 0 already there; case records 2 copied, "
+        "0 already there; counters 1 raised, 1 already as high; 1 not copied\n")
     with opened(target, tmp_path / "to") as copy:
         got = snapshot(copy)
+        [kept] = [r for r in list_cases(copy, "user001", status=None, limit=None, include_uncertain=True,
+                                        include_rejected=True) if r["case_id"] == "10002"]
     assert got["user003"]["counter"] == 10050
-    assert got["user001"] == filled["user001"]  # 10002 is the source's uncertain record again, in its place
+    assert (kept["entry_type"], kept["status"]) == ("case", "other")  # the target's edit survives a second run
+    assert main(args) == 1  # and a third
+    assert "case records 0 copied, 2 already there" in capsys.readouterr().out
 
 
 def test_an_encrypted_store_is_copied_encrypted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -29,7 +29,7 @@ class MigrateReport:
     users: int = 0
     images: int = 0  # copied, each with its image record
     images_present: int = 0
-    cases: int = 0  # case/uncertain/reject records upserted
+    cases: int = 0  # case/uncertain/reject records copied (only where the target has none of that case id)
     cases_present: int = 0
     counters: int = 0  # raised
     counters_present: int = 0  # already as high
@@ -94,12 +94,16 @@ def _copy_cases(source: Store, target: Store, user_id: str, report: MigrateRepor
     for case_id, recs in groups.items():
         with target.writing(user_id, f"copying case {case_id}") as records:
             held = records.cases(case_id)
-            if [row.record for row in held] == recs:
-                report.cases_present += len(recs)
+            if held:
+                # The target's record wins: it may carry edits made since an earlier run, or be
+                # another box's case under the same id. Never overwrite an acknowledged write.
+                if [row.record for row in held] == recs:
+                    report.cases_present += len(recs)
+                else:
+                    report.problems.append(f"user {user_id} case {case_id}: the target already holds a different "
+                                           "record of this case; kept the target's")
                 continue
-            # log_case's upsert, minus its take-over: the copied image records already carry it.
-            for old in held:
-                records.delete_case(old)
+            # log_case's insert, minus its take-over: the copied image records already carry it.
             for rec in recs:
                 records.add_case(R.case_record(rec))
                 records.enqueue("case", case_id, len(R.dumps(rec)))
