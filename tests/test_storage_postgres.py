@@ -303,6 +303,30 @@ def test_a_statement_timeout_applies_to_every_connection(make_pg: Callable[..., 
         assert conn.execute("SHOW statement_timeout").fetchone() == ("250ms",)
 
 
+def test_a_statement_timeout_is_a_503_but_not_an_outage(
+        make_pg: Callable[..., PostgresStore], database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = make_pg("a", statement_timeout_s=0.25)
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        # Another session holds the user's lock: this store's write waits past its statement timeout.
+        holder.execute("SELECT pg_advisory_lock(hashtextextended('appliance-user:' || %s, 0))", (USER,))
+        with caplog.at_level(logging.INFO, logger="appliance.storage"):
+            with pytest.raises(StoreUnavailable, match="^the database does not answer; try again later$"):
+                next_case_id(store, USER)
+    assert store.health.down_since is None  # nothing logged as an outage, calls still wait normally
+    assert [r.getMessage() for r in caplog.records if r.name == "appliance.storage"] == []
+    assert next_case_id(store, USER) == "10000"  # the lock is gone with its session: nothing was issued before
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:p%zzsecret@127.0.0.1:1/db", "host=127.0.0.1 password=my secret"])
+def test_a_dsn_libpq_cannot_parse_is_named_without_its_password(tmp_path: Path, dsn: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_store("postgres", tmp_path / "a", database_url=dsn)
+    assert caught.value.detail == (
+        "the PostgreSQL DSN cannot be parsed (from DATABASE_URL, storage.database_url, storage.database_url_file "
+        "or the credential database-url); expected postgresql://user@host:port/dbname?sslmode=... or key=value pairs")
+    assert "secret" not in caught.value.detail
+
+
 # -- outages through the API ----------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
 from .crypto import Sealer, binding, envelope_bytes
 from .outbox import KINDS
 
@@ -64,6 +64,18 @@ def one_line(error: BaseException) -> str:
     """A driver error as one line (libpq messages span several)."""
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+def check_dsn(dsn: str) -> None:
+    """ConfigError when libpq cannot parse the DSN; its own message would quote the DSN, password and all."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "the PostgreSQL DSN cannot be parsed (from DATABASE_URL, storage.database_url, "
+            "storage.database_url_file or the credential database-url); expected "
+            "postgresql://user@host:port/dbname?sslmode=... or key=value pairs"
+        ) from None
 
 
 def describe_dsn(dsn: str) -> str:

@@ -50,7 +50,8 @@ from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
 from .images import ImagePlace, LocalImages, image_key, open_images
 from .sqlrecords import PostgresRecords, SQLRecords
-from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, now_iso, check_key, describe_dsn, enqueue, migrate, one_line
+from .pgschema import (MIGRATION_LOCK, SCHEMA_VERSION, check_dsn, check_key, describe_dsn, enqueue, migrate, now_iso,
+                       one_line)
 
 if TYPE_CHECKING:
     from ..buckets.config import BucketConfig
@@ -90,6 +91,12 @@ class _Health:
                 self.down_since = None
 
 
+def _connection_lost(error: BaseException) -> bool:
+    """True for a failure to reach the server (no connection, class 08, the server shutting down: 57P)."""
+    sqlstate = getattr(error, "sqlstate", None)
+    return isinstance(error, PoolTimeout) or sqlstate is None or sqlstate.startswith(("08", "57P"))
+
+
 class PostgresStore(BaseStore):
     """Records in PostgreSQL, image bytes in an ImagePlace; see the module docstring.
 
@@ -121,6 +128,7 @@ class PostgresStore(BaseStore):
         self.local_images = images is None
         self.images: ImagePlace = images if images is not None else LocalImages(self.root / IMAGES_DIR)
         self.pool: ConnectionPool | None = None
+        check_dsn(self.database_url)
         self.health = _Health(describe_dsn(self.database_url))
         self._next_sweep = 0.0
 
@@ -222,7 +230,9 @@ class PostgresStore(BaseStore):
         try:
             yield
         except (psycopg.OperationalError, PoolTimeout) as e:
-            self.health.failed(e)
+            # A statement timeout or a deadlock is this request's 503, not an outage of the database.
+            if _connection_lost(e):
+                self.health.failed(e)
             # The client learns only that it may retry; where and why are in the log, once per outage.
             raise StoreUnavailable("the database does not answer; try again later") from e
         except psycopg.Error as e:

@@ -18,6 +18,7 @@ import psycopg
 
 from ..errors import StoreUnavailable
 from ..storage.config import StorageConfig, resolve_database_url
+from ..storage.pgschema import check_dsn
 from ..storage.postgres import PostgresStore, describe_dsn, one_line
 from .outbox import Backlog, Job
 
@@ -57,6 +58,7 @@ T = TypeVar("T")
 def offline(storage: StorageConfig, use: Callable[[psycopg.Connection[Any]], T]) -> tuple[str, T]:
     """Run `use` on a connection of its own to the configured database (CLI, no store open); (where, result)."""
     dsn = resolve_database_url(storage.database_url, storage.database_url_file)
+    check_dsn(dsn)
     where = describe_dsn(dsn)
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=PostgresStore.connect_timeout_s) as conn:
