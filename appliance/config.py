@@ -211,7 +211,7 @@ def _parse_runtime(table: Mapping[str, Any]) -> RuntimeConfig:
 def _check_choices(config: Config) -> None:
     """The rules between keys; each key's own range or choices were checked as it was parsed."""
     check_sync(config.sync)
-    check_images(config.storage)
+    check_images(config.storage, sync_enabled=config.sync.enabled)
     check_storage(config.storage)
     if config.model.url:
         check_url(config.model.url, "model.url")

@@ -299,3 +299,13 @@ async def test_ready_and_writes_answer_503_while_the_image_bucket_is_down_then_r
         assert f"images/user001/{answer['image_id']}.jpg" in bucket.keys("images")
     finally:
         server.stop()
+
+
+def test_postgres_with_sync_needs_its_images_in_the_bucket(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"storage": {"root": str(tmp_path / "data"), "backend": "postgres"},
+                      "sync": {"enabled": True, "url": "s3://b/sync"}})
+    assert caught.value.detail == (
+        'storage.images: with storage.backend = "postgres" and sync on, every instance drains one shared outbox '
+        'and may upload any image, so the images must be where all of them read them: set storage.images = '
+        '"bucket" (and storage.images_url)')

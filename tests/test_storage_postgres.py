@@ -418,7 +418,8 @@ def test_an_outage_raises_store_unavailable_and_stats_says_so(
 def test_sync_status_and_retry_read_the_outbox_table(
         make_config: Any, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bucket = Bucket(Server("s3", tmp_path / "moto"), "nowhere", tmp_path)
-    config = make_config(storage__backend="postgres", **sync_overrides(bucket))
+    config = make_config(storage__backend="postgres", storage__images="bucket",
+                         storage__images_url=bucket.url("images"), **sync_overrides(bucket))
     store = open_store("postgres", config.storage.root, outbox=True)
     assert isinstance(store, PostgresStore)
     try:

@@ -33,7 +33,7 @@ from appliance.cases import list_cases
 from appliance.config import Config, parse_config
 from appliance.keys import STORE, SYNC
 from appliance.privacy import strip_metadata
-from appliance.storage import BACKENDS, open_store
+from appliance.storage import BACKENDS, open_store, takes_images
 from appliance.sync import keys
 from appliance.sync.commands import sync_command
 from appliance.sync.worker import backoff_delay
@@ -161,14 +161,25 @@ def assert_bucket_equals(bucket: Bucket, expected: dict[str, bytes]) -> None:
 # -- the contract, over every provider ------------------------------------------
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("provider", PROVIDERS)
+# gcp-storage-emulator answers a GET without Last-Modified, which obstore needs to read an object
+# back, so images kept in a GCS bucket (the postgres back end's) cannot be read from the emulator;
+# real GCS sends it. s3 and azure cover that back end here.
+SYNC_CASES = [(provider, backend) for provider in PROVIDERS for backend in sorted(BACKENDS)
+              if not (provider == "gcs" and takes_images(backend))]
+
+
+@pytest.mark.parametrize(("provider", "backend"), SYNC_CASES)
 async def test_images_records_and_cases_reach_the_bucket_once_and_intact(
         aiohttp_client: Any, make_config: Callable[..., Config], make_bucket: Callable[..., Bucket],
         servers: dict[str, Server], provider: str, backend: str) -> None:
     bucket = make_bucket(servers[provider])
+    # A back end whose instances share the outbox (postgres) keeps its images in a bucket of their
+    # own, which the worker reads them back from.
+    images = {"storage__images": "bucket", "storage__images_url": make_bucket(servers[provider]).url("images")
+              } if takes_images(backend) else {}
     # Stored with its GPS (the store-side strip is off), so what leaves the box is the sync's doing.
-    config = make_config(storage__backend=backend, privacy__strip_metadata_on_store=False, **sync_overrides(bucket))
+    config = make_config(storage__backend=backend, privacy__strip_metadata_on_store=False, **images,
+                         **sync_overrides(bucket))
     client = await aiohttp_client(create_app(config))
     first = await check(client, gps_jpeg(1))
     case_id = first["case_id"]

@@ -175,11 +175,21 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def check_images(storage: StorageConfig) -> None:
-    """`storage.images = "bucket"` needs a bucket URL and a back end that keeps images through a place."""
+def check_images(storage: StorageConfig, *, sync_enabled: bool = False) -> None:
+    """`storage.images = "bucket"` needs a bucket URL and a back end that keeps images through a place.
+
+    And the other way round: a back end whose instances share one outbox (postgres) needs its images
+    in the bucket when sync is on, since any instance may upload any image.
+    """
     from . import takes_images
 
     if storage.images != "bucket":
+        if sync_enabled and takes_images(storage.backend):
+            raise ConfigError(
+                f'storage.images: with storage.backend = "{storage.backend}" and sync on, every instance drains '
+                'one shared outbox and may upload any image, so the images must be where all of them read them: '
+                'set storage.images = "bucket" (and storage.images_url)'
+            )
         return
     if not takes_images(storage.backend):
         raise ConfigError(
