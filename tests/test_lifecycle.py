@@ -313,6 +313,13 @@ async def test_repository_api_with_no_keys_answers_loopback(aiohttp_client: Any,
                                                          api_keys=ApiKeys()))
     response = await client.post("/v2/repository/models/tiny/load")
     assert (response.status, await response.json()) == (200, {})
+    # From loopback, but on behalf of someone elsewhere: a proxy on this machine, or a web page's script.
+    for header in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"},
+                   {"Origin": "https://example.org"}):
+        response = await client.post("/v2/repository/models/tiny/load", headers=header)
+        assert (response.status, await response.json()) == (403, {
+            "error": "With no API keys configured the repository API answers only on this machine; configure an "
+                     "admin key (auth.keys_file, name:key:admin)"})
 
 
 def test_systemd_hears_a_refused_reload_in_status(tmp_path: Path, model_root: Path, tiny_model_dir: Path) -> None:

@@ -187,7 +187,10 @@ def _require_admin(request: web.Request) -> None:
     if keys:
         if keys.role_of(request.get(KEY_NAME)) is not Role.ADMIN:
             raise Forbidden("Only an admin key may change the served model (the repository API)")
-    elif not is_loopback(request.remote or ""):
+    # A proxy on this machine, or a web page's script posting to 127.0.0.1, also arrives from loopback:
+    # their headers say the caller is elsewhere.
+    elif not is_loopback(request.remote or "") or any(
+            name in request.headers for name in ("Origin", "Forwarded", "X-Forwarded-For")):
         raise Forbidden("With no API keys configured the repository API answers only on this machine; "
                         "configure an admin key (auth.keys_file, name:key:admin)")
 
