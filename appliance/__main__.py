@@ -255,6 +255,7 @@ def check_config(config: Config) -> int:
     from .modelfetch import cached_model_dir
     from .security.auth import load_api_keys, tls_context
     from .security.tls import fingerprint_sha256
+    from .storage import describe_configured
     from .storage.crypto import load_sealer
 
     keys = load_api_keys(config.auth)
@@ -275,7 +276,7 @@ def check_config(config: Config) -> int:
     tls = config.server.tls_cert_file
     scheme = f"https (certificate SHA-256 {fingerprint_sha256(tls)})" if tls else "http"
     print(f"config OK: {model} from {origin}; runtime {config.runtime.backend}; "
-          f"store {config.storage.backend} at {config.storage.root}; "
+          f"store {describe_configured(config.storage)}; "
           f"listening on {config.server.host}:{config.server.port} over {scheme}; "
           f"{'API keys ' + keys.describe() if keys else 'API open (no keys)'}")
     return 0

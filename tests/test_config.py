@@ -156,3 +156,20 @@ def test_check_config_with_a_model_url_does_not_need_the_network(tmp_path: Path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(
         "config OK: model not checked from s3://models/ham10000 (fetched at start; nothing cached yet); ")
+
+
+def test_check_config_finds_the_postgres_dsn_as_start_up_would(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[model]\npath = "{tiny_model_dir}"\n[storage]\nbackend = "postgres"\n'
+                      f'root = "{tmp_path / "data"}"\n')
+    command = [sys.executable, "-m", "appliance", "check-config", "--config", str(config)]
+    run = subprocess.run(command, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[-1] + "\n" == (  # after the tiny model's format-1 warning
+        'appliance: error: storage.backend = "postgres" needs a DSN: set DATABASE_URL, storage.database_url, '
+        "storage.database_url_file or the systemd credential database-url\n")
+    environ = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://clinic:s3cret@db.example:6543/derm"}
+    run = subprocess.run(command, capture_output=True, text=True, env=environ)
+    assert run.returncode == 0, run.stderr
+    assert f"; store postgres db.example:6543/derm, images in {tmp_path / 'data'}/images; " in run.stdout
+    assert "s3cret" not in run.stdout  # the database is not asked either: check-config needs no network

@@ -141,6 +141,11 @@ def takes_images(backend: str) -> bool:
     return bool(import_from_string(BACKENDS[backend]).images_apart)
 
 
+def describe_configured(storage: StorageConfig) -> str:
+    """Where the configured store keeps its data, checked as far as can be without opening it (check-config)."""
+    return str(import_from_string(BACKENDS[storage.backend]).describe(storage))
+
+
 def open_configured_store(storage: StorageConfig, *, outbox: bool, bucket: BucketConfig | None = None) -> Store:
     """Open the store `storage` names, with its encryption key, and with its sync outbox when `outbox`.
 

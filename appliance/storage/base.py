@@ -151,6 +151,11 @@ class BaseStore:
         self._lock_file: IO[bytes] | None = None
 
     @classmethod
+    def describe(cls, storage: StorageConfig) -> str:
+        """Where `storage` keeps the data, for `appliance check-config`; ConfigError for what start-up would refuse."""
+        return f"{cls.name} at {storage.root}"
+
+    @classmethod
     def configured(cls, storage: StorageConfig, bucket: BucketConfig) -> dict[str, Any]:
         """The constructor options the back end's own [storage] keys set (none but the shared ones here)."""
         return {}

@@ -133,6 +133,14 @@ class PostgresStore(BaseStore):
         self._next_sweep = 0.0
 
     @classmethod
+    def describe(cls, storage: StorageConfig) -> str:
+        """The database (a DSN found and parsable, never its password) and where the images go."""
+        dsn = resolve_database_url(storage.database_url, storage.database_url_file)
+        check_dsn(dsn)
+        images = storage.images_url if storage.images == "bucket" else f"{storage.root}/{IMAGES_DIR}"
+        return f"{describe_dsn(dsn)}, images in {images}"
+
+    @classmethod
     def configured(cls, storage: StorageConfig, bucket: BucketConfig) -> dict[str, Any]:
         """The constructor options `storage` sets for this back end: the DSN, timeouts, pool, the image bucket."""
         options: dict[str, Any] = {
