@@ -4,13 +4,12 @@ Same jobs, versions, retries and dead letters as sync/outbox.py, on the store's
 pool. Many instances drain one table: `due()` leases the jobs it returns
 (`leased_until`, `FOR UPDATE SKIP LOCKED`), so two instances never upload the
 same job at once, and a lease left by an instance that died runs out after
-`LEASE_S`. Leases use the wall clock, not the `now` the worker passes (which
+`LEASE_S`. Leases use the database's clock, not the `now` the worker passes (which
 is infinity for `sync --once`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +23,7 @@ from .outbox import Backlog, Job
 
 # Longer than any one upload (bucket.timeout_s and its retries): a live worker finishes first.
 LEASE_S = 300.0
+DB_NOW = "extract(epoch from clock_timestamp())"
 
 _JOB_COLUMNS = "id, kind, user_id, ref, version, attempts, size_bytes"
 
@@ -79,14 +79,14 @@ class PgOutbox:
 
     def due(self, now: float, limit: int, exclude: frozenset[int] = frozenset()) -> list[Job]:
         """Lease and return due jobs, oldest first: none another instance (or this one) holds."""
-        wall = time.time()
         with self.store._using("leasing sync jobs"), self.store._connection() as conn, conn.transaction():
+            # Leases run on the database's clock: instances whose clocks disagree still never hold one job twice.
             rows = conn.execute(
-                f"UPDATE outbox SET leased_until = %s WHERE id IN (SELECT id FROM outbox"
-                " WHERE next_attempt_at <= %s AND dead_at IS NULL AND (leased_until IS NULL OR leased_until <= %s)"
+                f"UPDATE outbox SET leased_until = {DB_NOW} + %s WHERE id IN (SELECT id FROM outbox"
+                f" WHERE next_attempt_at <= %s AND dead_at IS NULL AND (leased_until IS NULL OR leased_until <= {DB_NOW})"
                 " AND NOT (id = ANY(%s)) ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
                 f" RETURNING {_JOB_COLUMNS}",
-                (wall + LEASE_S, now, wall, list(exclude), limit),
+                (LEASE_S, now, list(exclude), limit),
             ).fetchall()
         return sorted((Job(*row) for row in rows), key=lambda job: job.id)
 
