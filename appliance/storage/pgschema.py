@@ -10,7 +10,6 @@ by every instance.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -19,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ..errors import ConfigError, StoreError
 from .crypto import Sealer, binding, envelope_bytes
 from .outbox import KINDS
+from .sqlrecords import now_iso
 
 # Taken at open, around migrations and the key check: one constant for every instance.
 MIGRATION_LOCK = 0x6170706C6D696772  # "applmigr"
@@ -55,9 +55,6 @@ CREATE TABLE key_check (id integer PRIMARY KEY CHECK (id = 1), check_value text 
 MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _MIGRATION_1),)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def one_line(error: BaseException) -> str:

@@ -49,9 +49,8 @@ from .config import StorageConfig, resolve_database_url
 from .crypto import image_binding
 from .files import check_id, lock_root, make_dir, prepare_root, remove_durable
 from .images import ImagePlace, LocalImages, image_key, open_images
-from .sqlrecords import PostgresRecords, SQLRecords
-from .pgschema import (MIGRATION_LOCK, SCHEMA_VERSION, check_dsn, check_key, describe_dsn, enqueue, migrate, now_iso,
-                       one_line)
+from .sqlrecords import PostgresRecords, SQLRecords, now_iso
+from .pgschema import MIGRATION_LOCK, SCHEMA_VERSION, check_dsn, check_key, describe_dsn, enqueue, migrate, one_line
 
 if TYPE_CHECKING:
     from ..buckets.config import BucketConfig

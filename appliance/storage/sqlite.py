@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,11 @@ from .crypto import envelope_bytes, image_binding
 from .files import check_id, make_dir, remove_durable, write_atomic
 from .outbox import create_table as create_outbox_table
 from .outbox import enqueue as enqueue_job
-from .sqlrecords import SQLRecords
+from .sqlrecords import SQLRecords, now_iso
 
 DB_NAME = "appliance.db"
 IMAGES_DIR = "images"
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def _migration_1(db: Database) -> None:
@@ -172,7 +168,7 @@ class SQLiteStore(BaseStore):
             if version > current:
                 with self._transaction():
                     migrate(self._db)
-                    self._db.table("schema_migrations").insert({"version": version, "applied_at": _now()})
+                    self._db.table("schema_migrations").insert({"version": version, "applied_at": now_iso()})
 
     def _key_evidence(self) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
         assert self._conn is not None
@@ -272,7 +268,7 @@ class SQLiteStore(BaseStore):
             with self._transaction():
                 conn.execute(
                     "INSERT INTO pending_files (user_id, image_id, suffix, created_at) VALUES (?, ?, ?, ?)",
-                    (user_id, image.image_id, image.suffix, _now()),
+                    (user_id, image.image_id, image.suffix, now_iso()),
                 )
             try:
                 make_dir(path.parent)
