@@ -19,16 +19,13 @@ instances cannot beat one: inference already uses every core.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from . import images, procs
-from .load import LoadResult, generator_name, run_load
+from . import images, procs, standalone
+from .load import LoadResult, run_load
 
 CONCURRENCY = (1, 4)
 HEADERS = {"X-User-Id": images.USER_ID}
@@ -124,20 +121,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=procs.ROOT / "models" / "demo",
-                        help="model directory (default: models/demo, built by `python -m convert demo`)")
-    parser.add_argument("--cell-seconds", type=int, default=10, help="seconds per load cell (default 10)")
-    parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
-        rows = run(args.model.resolve(), args.cell_seconds, Path(work))
-    print(f"load generator: {generator_name()}; {args.cell_seconds} s per cell")
-    print(table(rows))
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-    return 0
+    return standalone.main("scale", __doc__, run, table, argv, note="")
 
 
 if __name__ == "__main__":
