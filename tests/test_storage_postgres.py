@@ -181,12 +181,12 @@ def test_the_key_check_is_shared_by_every_instance(make_pg: Callable[..., Postgr
     stored = (a.root / "images" / USER / "img-1.bin").read_bytes()
     assert not stored.startswith(b"\xff\xd8") and JPEG[100:164] not in stored
     wrong = Sealer(bytes(32), "DATA_ENCRYPTION_KEY")
-    with pytest.raises(StoreError, match=r"^storage: DATA_ENCRYPTION_KEY does not decrypt the key check in "
+    with pytest.raises(StoreError, match=r"^storage: DATA_ENCRYPTION_KEY does not decrypt the key_check table of "
                                          r"postgres 127\.0\.0\.1:\d+/t_\d+: wrong key\?$"):
         make_pg("b", sealer=wrong)
-    with pytest.raises(StoreError, match=r"^storage: postgres 127\.0\.0\.1:\d+/t_\d+ is encrypted \(its key_check "
-                                         r"table\) but storage\.encrypt \(ENCRYPT_STORAGE\) is off; turn it on and set "
-                                         r"the key$"):
+    with pytest.raises(StoreError, match=r"^storage: postgres 127\.0\.0\.1:\d+/t_\d+ is encrypted \(the key_check "
+                                         r"table of postgres 127\.0\.0\.1:\d+/t_\d+\) but storage\.encrypt "
+                                         r"\(ENCRYPT_STORAGE\) is off; turn it on and set the key$"):
         make_pg("c")
     b = make_pg("d", sealer=Sealer(base64.urlsafe_b64decode(KEY), "DATA_ENCRYPTION_KEY"))
     assert b.case_record(USER, "10000")["notes"] == "itchy"  # type: ignore[index]

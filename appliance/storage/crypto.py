@@ -215,34 +215,47 @@ class Sealer:
     def check_root(
         self, root: Path, *, plain_data: str | None, sealed_sample: tuple[str, bytes, bytes | None] | None
     ) -> None:
-        """Refuse a wrong key or a mix of plain and encrypted data; write the key check value on first use.
+        """`check_key` with the check value in `root`/key_check.json, written there on first use."""
+        check = root / KEY_CHECK
+        stored = None
+        if check.exists():
+            try:
+                stored = (str(check), base64.urlsafe_b64decode(json.loads(check.read_bytes())["check"]))
+            except (OSError, ValueError, KeyError, TypeError, binascii.Error) as e:
+                raise StoreError(f"storage: {check} is unreadable ({e}); restore it from a backup") from None
+        new = self.check_key(str(root), stored, plain_data=plain_data, sealed_sample=sealed_sample)
+        if new is not None:
+            body = {"check": base64.urlsafe_b64encode(new).decode(), "v": 1}
+            try:
+                write_atomic(check, json.dumps(body).encode())
+            except OSError as e:
+                raise StoreError(f"storage: cannot write {check}: {e.strerror or e}") from e
 
+    def check_key(
+        self, label: str, stored: tuple[str, bytes] | None, *, plain_data: str | None,
+        sealed_sample: tuple[str, bytes, bytes | None] | None,
+    ) -> bytes | None:
+        """Refuse a wrong key or a mix of plain and encrypted data; the check value to store on first use, else None.
+
+        `stored` is (where, blob) of the check value the store keeps (a file, a database row), if any;
         `plain_data` names something unencrypted already stored (or None);
         `sealed_sample` is (where, bytes, associated data) of something encrypted already stored.
         """
-        check = root / KEY_CHECK
         if self._aead is None:
-            what = str(check) if check.exists() else (sealed_sample[0] if sealed_sample is not None else None)
+            what = stored[0] if stored is not None else (sealed_sample[0] if sealed_sample is not None else None)
             if what is not None:
                 raise StoreError(
-                    f"storage: {root} is encrypted ({what}) but storage.encrypt (ENCRYPT_STORAGE) is off; "
+                    f"storage: {label} is encrypted ({what}) but storage.encrypt (ENCRYPT_STORAGE) is off; "
                     "turn it on and set the key"
                 )
-            return
-        if check.exists():
-            try:
-                envelope = json.loads(check.read_bytes())
-                blob = base64.urlsafe_b64decode(envelope["check"])
-            except (OSError, ValueError, KeyError, TypeError, binascii.Error) as e:
-                raise StoreError(f"storage: {check} is unreadable ({e}); restore it from a backup") from None
-            try:
-                self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], None)
-            except (InvalidTag, ValueError):
-                raise StoreError(f"storage: {self.source} does not decrypt {check}: wrong key?") from None
-            return
+            return None
+        if stored is not None:
+            if self._decrypt(stored[1], None) is None:
+                raise StoreError(f"storage: {self.source} does not decrypt {stored[0]}: wrong key?")
+            return None
         if plain_data is not None:
             raise StoreError(
-                f"storage: {root} holds unencrypted data ({plain_data}) and storage.encrypt (ENCRYPT_STORAGE) "
+                f"storage: {label} holds unencrypted data ({plain_data}) and storage.encrypt (ENCRYPT_STORAGE) "
                 "is on; encryption is only turned on for an empty store (see README, Encryption at rest)"
             )
         if sealed_sample is not None:
@@ -251,12 +264,7 @@ class Sealer:
                 raise StoreError(f"storage: {self.source} does not decrypt {where}: wrong key?")
         # The check value stays v1 (no associated data): it belongs to no user or record.
         nonce = secrets.token_bytes(NONCE_BYTES)
-        check_blob = nonce + self._aead.encrypt(nonce, _CHECK_PLAINTEXT, None)
-        body = {"check": base64.urlsafe_b64encode(check_blob).decode(), "v": 1}
-        try:
-            write_atomic(check, json.dumps(body).encode())
-        except OSError as e:
-            raise StoreError(f"storage: cannot write {check}: {e.strerror or e}") from e
+        return nonce + self._aead.encrypt(nonce, _CHECK_PLAINTEXT, None)
 
 
 def envelope_bytes(line: bytes | str | dict[str, Any], user_id: str) -> tuple[bytes, bytes | None] | None:

@@ -16,14 +16,12 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigError, StoreError
-from .crypto import Sealer, binding, envelope_bytes
+from .crypto import Sealer, envelope_bytes
 from .outbox import KINDS
 from .sqlrecords import now_iso
 
 # Taken at open, around migrations and the key check: one constant for every instance.
 MIGRATION_LOCK = 0x6170706C6D696772  # "applmigr"
-_KEY_CHECK_PLAINTEXT = b"derm-appliance key check v1"
-_KEY_CHECK_AD = binding("key-check", "", "postgres")
 
 _MIGRATION_1 = """
 CREATE TABLE case_counters (user_id text PRIMARY KEY, last_case_id bigint NOT NULL, updated_at text NOT NULL);
@@ -116,40 +114,17 @@ def migrate(conn: psycopg.Connection[Any], label: str) -> None:
 
 
 def check_key(conn: psycopg.Connection[Any], sealer: Sealer, label: str) -> None:
-    """Refuse a wrong key, or plain and encrypted data mixed; store the check value on first use.
-
-    The rules and messages of Sealer.check_root, with the check value in a row instead of a file.
-    """
+    """Sealer.check_key's rules, with the check value in the key_check row, inserted on first use."""
     row = conn.execute("SELECT check_value FROM key_check WHERE id = 1").fetchone()
+    where = f"the key_check table of {label}"
+    try:
+        stored = None if row is None else (where, bytes.fromhex(row[0]))
+    except ValueError:
+        raise StoreError(f"storage: {where} is unreadable; restore it from a backup") from None
     plain, sealed = _evidence(conn, label)
-    if not sealer.enabled:
-        what = "its key_check table" if row is not None else (sealed[0] if sealed is not None else None)
-        if what is not None:
-            raise StoreError(
-                f"storage: {label} is encrypted ({what}) but storage.encrypt (ENCRYPT_STORAGE) is off; "
-                "turn it on and set the key"
-            )
-        return
-    if row is not None:
-        try:
-            sealer.unseal(bytes.fromhex(row[0]), "key_check", _KEY_CHECK_AD)
-        except (StoreError, ValueError):
-            wrong = f"storage: {sealer.source} does not decrypt the key check in {label}: wrong key?"
-            raise StoreError(wrong) from None
-        return
-    if plain is not None:
-        raise StoreError(
-            f"storage: {label} holds unencrypted data ({plain}) and storage.encrypt (ENCRYPT_STORAGE) "
-            "is on; encryption is only turned on for an empty store (see README, Encryption at rest)"
-        )
-    if sealed is not None:
-        where, blob, ad = sealed
-        try:
-            sealer.unseal(blob, where, ad)
-        except StoreError:
-            raise StoreError(f"storage: {sealer.source} does not decrypt {where}: wrong key?") from None
-    value = sealer.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_AD).hex()
-    conn.execute("INSERT INTO key_check (id, check_value, created_at) VALUES (1, %s, %s)", (value, now_iso()))
+    new = sealer.check_key(label, stored, plain_data=plain, sealed_sample=sealed)
+    if new is not None:
+        conn.execute("INSERT INTO key_check (id, check_value, created_at) VALUES (1, %s, %s)", (new.hex(), now_iso()))
 
 
 def _evidence(conn: psycopg.Connection[Any], label: str) -> tuple[str | None, tuple[str, bytes, bytes | None] | None]:
