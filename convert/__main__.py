@@ -98,7 +98,8 @@ def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m convert demo",
         description="Build the demo model directory (<out>/<name>/<version>/) with no inputs: a deterministic ResNet50 "
-                    "checkpoint in the old back end's format, fitted to procedural lesion photos, converted and verified. "
+                    "checkpoint in the old back end's format, trained for about a minute to tell procedural lesion families apart, "
+                    "converted and verified. "
                     "Its manifest says demo: true.",
     )
     p.add_argument("--out", type=Path, default=Path("models"), help="the models directory (default: models)")

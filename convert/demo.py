@@ -1,10 +1,16 @@
 """The demo model: a deterministic ResNet50 checkpoint in the old back end's format, converted.
 
-Recipe: random weights from a fixed seed with residual branches zero-initialised
-(torchvision's `zero_init_residual`; a deep random backbone's features are fragile under
-INT8, the shallow effective network is not), batch-norm statistics re-estimated on
-procedural lesion-like photos, and a ridge-regularised linear head fitted to the seven
-synthetic lesion families, so answers vary with the input and INT8 checks mean something.
+Recipe: a ResNet50 from a fixed seed with its residual branches zero-initialised
+(torchvision's `zero_init_residual`), so it computes only its stem, each stage's
+projection shortcut and the head: the one path a CPU can train in under a minute. That
+path is trained for real, at half resolution, to tell the seven synthetic lesion
+families apart; batch-norm statistics are then re-estimated at full resolution.
+
+Why trained: with a random backbone, one photo in twenty had its top two classes
+closer than INT8 rounding moves them, and INT8 flipped 4% of the answers (measured).
+A network that learned its classes answers with a margin (99.9% INT8 agreement on
+1000 held-out photos), so its INT8 figures say something about INT8, as a clinic's
+trained model's do.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .images import preprocess
@@ -26,25 +32,27 @@ __all__ = ["DEMO_SEED", "build_demo", "make_demo_checkpoint", "synthetic_photos"
 DEMO_SEED = 20240611
 PHOTO_SIZE = (288, 256)
 BN_IMAGES = 48
-HEAD_IMAGES_PER_FAMILY = 16
+TRAIN_IMAGES = 700  # a hundred per family
+TRAIN_CROP = 112  # half the served crop: a quarter of the cost, and the pooled features carry over
+EPOCHS = 6
+LEARNING_RATE = 2e-3
 CALIBRATION_IMAGES = 48
 SELECTION_IMAGES = 48
 HELDOUT_IMAGES = 100
-RIDGE = 0.5  # times the feature count; large enough that the head does not memorise
-LOGIT_SCALE = 8.0  # fitted scores live around [0, 1]; this spreads them into useful probabilities
 BATCH = 16
+TRAIN_BATCH = 32
 
 
 def make_demo_checkpoint(seed: int = DEMO_SEED) -> dict:
-    """The demo checkpoint: `{"model_state_dict": ..., "epoch": 0, "classes": [...]}`, like the old back end's."""
+    """The demo checkpoint: `{"model_state_dict": ..., "epoch": EPOCHS, "classes": [...]}`, like the old back end's."""
     import torchvision
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet50(weights=None, zero_init_residual=True)
     model.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(2048, len(FAMILIES)))
+    _train(model, seed)
     reestimate_batchnorm(model, seed)
-    _fit_head(model, seed)
-    return {"model_state_dict": model.state_dict(), "epoch": 0, "classes": list(FAMILIES)}
+    return {"model_state_dict": model.state_dict(), "epoch": EPOCHS, "classes": list(FAMILIES)}
 
 
 def _batches(tensors: np.ndarray) -> Iterator[torch.Tensor]:
@@ -68,30 +76,52 @@ def reestimate_batchnorm(model: nn.Module, seed: int) -> None:
     model.eval()
 
 
-def _fit_head(model: nn.Module, seed: int) -> None:
-    n = HEAD_IMAGES_PER_FAMILY * len(FAMILIES)
-    families = [i % len(FAMILIES) for i in range(n)]
-    images, labels = synthetic_lesions(n, seed + 2, PHOTO_SIZE, families=families)
-    # The Sequential(Dropout, Linear) make_demo_checkpoint set; nn.Module types attributes loosely.
-    head, model.fc = cast(nn.Sequential, model.fc), nn.Identity()
-    with torch.no_grad():
-        features = torch.cat([model(b) for b in _batches(preprocess(images))]).double()
-    model.fc = head
-    mean, std = features.mean(0), features.std(0)
-    # Floor the scale: a channel that barely varies on the training photos (a ReLU that is
-    # almost always off) would otherwise get a huge weight, and one outlier weight ruins the
-    # INT8 grid of the whole row.
-    std = std.clamp(min=float(std.median()))
-    z = (features - mean) / std
-    targets = torch.nn.functional.one_hot(torch.tensor(labels), len(FAMILIES)).double()
-    offset = targets.mean(0)
-    # Dual form: fewer images than features.
-    gram = z @ z.T + RIDGE * z.shape[1] * torch.eye(len(z), dtype=torch.float64)
-    weights = z.T @ torch.linalg.solve(gram, targets - offset)  # [2048, 7]
-    linear = cast(nn.Linear, head[1])
-    with torch.no_grad():
-        linear.weight.copy_((LOGIT_SCALE * weights / std[:, None]).T.float())
-        linear.bias.copy_((LOGIT_SCALE * (offset - (mean / std) @ weights)).float())
+class ShortcutPath(nn.Module):
+    """What a ResNet50 whose residual branches output zero computes, without computing the branches.
+
+    Each stage's first block answers relu(shortcut(x) + 0); the others answer relu(x + 0) = x.
+    """
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        for stage in (r.layer1, r.layer2, r.layer3, r.layer4):
+            x = F.relu(stage[0].downsample(x))
+        return r.fc(torch.flatten(r.avgpool(x), 1))
+
+
+def _train(model: nn.Module, seed: int) -> None:
+    """Train the shortcut path to tell the families apart; the residual branches stay zero."""
+    from torchvision import transforms
+
+    from appliance.modeldir import CROP, MEAN, RESIZE_SHORTER, STD
+
+    families = [i % len(FAMILIES) for i in range(TRAIN_IMAGES)]
+    images, labels = synthetic_lesions(TRAIN_IMAGES, seed + 2, PHOTO_SIZE, families=families)
+    half = transforms.Compose([transforms.Resize(RESIZE_SHORTER * TRAIN_CROP // CROP), transforms.CenterCrop(TRAIN_CROP),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    x, y = torch.stack([half(image) for image in images]), torch.tensor(labels)
+    path = ShortcutPath(model).train()
+    trained = [p for name, p in model.named_parameters() if name.startswith(("conv1.", "bn1.", "fc.")) or ".downsample." in name]
+    steps = EPOCHS * (TRAIN_IMAGES // TRAIN_BATCH)
+    optimizer = torch.optim.AdamW(trained, LEARNING_RATE, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LEARNING_RATE, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(EPOCHS):
+        order = torch.randperm(TRAIN_IMAGES, generator=generator)
+        for start in range(0, TRAIN_IMAGES - TRAIN_BATCH + 1, TRAIN_BATCH):
+            pick = order[start : start + TRAIN_BATCH]
+            batch = x[pick].flip(3) if torch.rand(1, generator=generator) < 0.5 else x[pick]
+            loss = F.cross_entropy(path(batch), y[pick])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
 
 
 def build_demo(
@@ -118,11 +148,11 @@ def build_demo(
         photos = [jpeg_bytes(image) for image in synthetic_photos(CALIBRATION_IMAGES + SELECTION_IMAGES, DEMO_SEED + 3, PHOTO_SIZE)]
         photos += [jpeg_bytes(image) for image in synthetic_photos(HELDOUT_IMAGES, DEMO_SEED + 4, PHOTO_SIZE)]
         images = image_set(photos, "synthetic")
-        # MinMax only: the histogram methods add minutes on 2 cores and, measured on this
-        # model, none meets the bar without keeping the stem in float anyway. Its INT8
-        # flips 1-4% of photos (near-ties even bf16 flips), short of the per-class bar:
-        # kept, marked degraded, for benchmarks and for naming it in model.artifact; the
-        # server's `auto` serves the fastest path that passed.
+        # MinMax only: the histogram methods add minutes on 2 cores. Measured here, plain
+        # MinMax agrees on 99.8-99.9% of 1000 held-out photos, and the search keeps the stem
+        # and the classifier in float when the selection photos hold a near-tie. Degraded
+        # INT8 is still kept, not fatal, should another CPU's kernels disagree: `auto`
+        # serves the fastest path that passed.
         options = ConvertOptions(labels=list(FAMILIES), fp16=fp16, demo=True, heldout_count=HELDOUT_IMAGES,
                                  selection_count=SELECTION_IMAGES, methods=("MinMax",), allow_degraded=True)
         source_extra = {"generated_by": "python -m convert demo", "seed": DEMO_SEED, "kept": False}

@@ -14,13 +14,15 @@ FAMILIES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 # Per family: main colour, second colour, radius range (fraction of the short side),
 # border irregularity, texture strength, edge softness (fraction of the radius).
+# Each family's colours are its own (bkl yellowish, df a mauve ring, bcc pink-violet),
+# so a small network learns them apart: the demo is trained on these families.
 _STYLE = {
     "akiec": ((196, 112, 100), (232, 200, 190), (0.16, 0.30), 0.14, 0.55, 0.10),
-    "bcc": ((222, 168, 164), (190, 80, 90), (0.12, 0.24), 0.08, 0.20, 0.05),
-    "bkl": ((158, 112, 72), (120, 84, 52), (0.16, 0.30), 0.10, 0.35, 0.04),
-    "df": ((128, 86, 62), (196, 160, 132), (0.08, 0.15), 0.05, 0.15, 0.12),
+    "bcc": ((214, 150, 176), (170, 70, 110), (0.12, 0.24), 0.08, 0.20, 0.05),
+    "bkl": ((170, 150, 70), (140, 118, 52), (0.16, 0.30), 0.10, 0.35, 0.04),
+    "df": ((140, 84, 96), (214, 184, 170), (0.08, 0.15), 0.05, 0.15, 0.12),
     "mel": ((62, 36, 30), (96, 92, 118), (0.14, 0.30), 0.28, 0.45, 0.06),
-    "nv": ((118, 74, 50), (100, 62, 42), (0.10, 0.20), 0.03, 0.08, 0.08),
+    "nv": ((104, 64, 44), (92, 56, 38), (0.10, 0.20), 0.03, 0.08, 0.08),
     "vasc": ((152, 38, 62), (108, 30, 74), (0.08, 0.18), 0.06, 0.20, 0.05),
 }
 _SKIN_LIGHT = np.array([238, 204, 182], np.float32)

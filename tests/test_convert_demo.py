@@ -10,7 +10,7 @@ from convert.__main__ import main
 from convert.demo import DEMO_SEED, synthetic_photos
 from convert.golden import margin
 from convert.images import preprocess_file
-from convert.verify import load_runtime
+from convert.verify import infer_all, load_runtime
 
 from .convert_helpers import assert_bars, assert_hashes, load_manifest
 
@@ -60,22 +60,29 @@ def test_bf16_serving_option_is_measured_where_the_cpu_has_it(demo_dir):
         assert 0 < p["max_abs_dp"] < 0.5  # bf16 really ran: not bit-equal to f32, not garbage
 
 
-def test_demo_int8_is_kept_degraded_with_its_figures(demo_dir):
-    # Not yet the robust demo issue 10 asks for: its INT8 is measured and kept for naming, never chosen by auto.
+def test_demo_int8_sits_clear_of_the_bar(demo_dir):
+    # Issue 10's robust demo: 99.5%, overall and in every class, on every INT8 served path.
     manifest = load_manifest(demo_dir)
     for key in ("onnx-int8", "openvino-int8"):
         int8 = manifest["artifacts"][key]
-        assert int8["degraded"] == (not int8["parity"]["passed"])
-        assert 0.9 <= int8["parity"]["top1_agreement"] <= 1.0
-        assert {f"{key}/fast", f"{key}/exact"} <= set(manifest["served_paths"])
+        assert int8["parity"]["passed"] and not int8["degraded"], key
+        assert int8["parity"]["top1_agreement"] >= 0.995, key
+        assert min(int8["parity"]["per_class_agreement"].values()) >= 0.995, key
+        for decode in ("fast", "exact"):
+            path = manifest["served_paths"][f"{key}/{decode}"]
+            assert path["passed"] and path["top1_agreement"] >= 0.995, (key, decode)
+            assert min(c["top1_agreement"] for c in path["per_class"].values()) >= 0.995, (key, decode)
 
 
-def test_demo_answers_vary_with_the_input(demo_dir):
-    run = load_runtime(demo_dir / "model.onnx", "onnx").infer
+def test_demo_tells_the_families_apart(demo_dir):
+    # Trained, not random: it names the family of photos it never saw, so its margins are real.
     from convert.images import preprocess
+    from convert.synthetic import FAMILIES, synthetic_lesions
 
-    probs = run(preprocess(synthetic_photos(16, 99)))
-    assert len(set(probs.argmax(1).tolist())) >= 3
+    images, families = synthetic_lesions(140, 99, (288, 256))
+    probs = infer_all(load_runtime(demo_dir / "model.onnx", "onnx").infer, preprocess(images), batch=16)
+    assert len(FAMILIES) == probs.shape[1]
+    assert np.mean(probs.argmax(1) == np.array(families)) >= 0.9
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
