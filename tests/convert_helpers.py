@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -115,6 +116,57 @@ def make_sensitive_resnet50(seed: int = 1, classes: int = 7) -> nn.Module:
     reestimate_batchnorm(model, seed)
     with torch.no_grad():
         model.fc[1].weight.mul_(30.0)
+    return model.eval()
+
+
+def imgsim_weights() -> Path:
+    """AugNet's ResNet50 weights as PyPI's imgsim 0.1.2 ships them (MIT; `./dev setup` installs it)."""
+    spec = importlib.util.find_spec("imgsim")
+    assert spec is not None and spec.submodule_search_locations, "imgsim is not installed: run ./dev setup"
+    return Path(next(iter(spec.submodule_search_locations))) / "model.pth"
+
+
+def make_trained_resnet50(*, per_family: int = 20, seed: int = 5) -> nn.Module:
+    """A ResNet50 that really learned, from weights nobody here made, in the old back end's format.
+
+    The trunk is AugNet's (trained without labels on ImageNet photos by its authors, shipped
+    inside PyPI's imgsim wheel); the 7-class head is trained here to tell the synthetic lesion
+    families apart (a linear probe: where a clinic's transfer learning starts), then folded
+    into `fc.1` so the checkpoint is the plain torchvision ResNet50 the old back end saved.
+    """
+    from convert.demo import PHOTO_SIZE
+    from convert.images import preprocess
+    from convert.synthetic import FAMILIES, synthetic_lesions
+
+    state = torch.load(imgsim_weights(), map_location="cpu", weights_only=True)
+    model = torchvision.models.resnet50(weights=None)
+    trunk = {k.removeprefix("module.pre."): v for k, v in state.items() if not k.startswith("module.pre.fc.")}
+    missing = model.load_state_dict(trunk, strict=False).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"], missing
+    model.fc = nn.Identity()
+    model.eval()
+    families = [i % len(FAMILIES) for i in range(per_family * len(FAMILIES))]
+    images, labels = synthetic_lesions(len(families), seed, PHOTO_SIZE, families=families)
+    tensors = torch.from_numpy(preprocess(images))
+    with torch.no_grad():
+        features = torch.cat([model(tensors[i : i + 16]) for i in range(0, len(tensors), 16)])
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+    z, y = (features - mean) / std, torch.tensor(labels)
+    torch.manual_seed(seed)
+    probe = nn.Linear(features.shape[1], len(FAMILIES))
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = nn.functional.cross_entropy(probe(z), y) + 1e-3 * probe.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    model.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(features.shape[1], len(FAMILIES)))
+    with torch.no_grad():
+        model.fc[1].weight.copy_(probe.weight / std)
+        model.fc[1].bias.copy_(probe.bias - (probe.weight * mean / std).sum(1))
     return model.eval()
 
 
