@@ -18,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch import nn
 
 from .images import preprocess
 from .synthetic import FAMILIES, synthetic_lesions, synthetic_photos
+
+if TYPE_CHECKING:
+    from torchvision.models.resnet import Bottleneck, ResNet
 
 __all__ = ["DEMO_SEED", "build_demo", "make_demo_checkpoint", "synthetic_photos"]
 
@@ -82,7 +86,7 @@ class ShortcutPath(nn.Module):
     Each stage's first block answers relu(shortcut(x) + 0); the others answer relu(x + 0) = x.
     """
 
-    def __init__(self, resnet: nn.Module):
+    def __init__(self, resnet: ResNet):
         super().__init__()
         self.resnet = resnet
 
@@ -90,11 +94,13 @@ class ShortcutPath(nn.Module):
         r = self.resnet
         x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
         for stage in (r.layer1, r.layer2, r.layer3, r.layer4):
-            x = F.relu(stage[0].downsample(x))
+            shortcut = cast("Bottleneck", stage[0]).downsample
+            assert shortcut is not None  # every ResNet50 stage opens with a projection shortcut
+            x = F.relu(shortcut(x))
         return r.fc(torch.flatten(r.avgpool(x), 1))
 
 
-def _train(model: nn.Module, seed: int) -> None:
+def _train(model: ResNet, seed: int) -> None:
     """Train the shortcut path to tell the families apart; the residual branches stay zero."""
     from torchvision import transforms
 
