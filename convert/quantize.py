@@ -99,6 +99,19 @@ class Int8Result:
     worst_nodes: list[str] = field(default_factory=list)  # where quantization error grows most, when searched
 
 
+@dataclass(frozen=True)
+class Variant:
+    """ONNX Runtime static-quantization settings; the defaults are what convert ships.
+
+    The others exist to be weighed against it (`python -m bench.int8`).
+    """
+
+    activations: str = "QInt8"  # or "QUInt8"
+    symmetric_activations: bool = False
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights, ORT's advice for U8S8 on CPUs without VNNI
+
+
 class Quantizer:
     """Quantizes one FP32 graph repeatedly with cached calibration ranges."""
 
@@ -117,7 +130,7 @@ class Quantizer:
         # After sensitivity_ranking: the nodes adding the most quantization error, "name (Op, N dB)".
         self.worst: list[str] = []
 
-    def quantize(self, method: str, keep: list[str]) -> Path:
+    def quantize(self, method: str, keep: list[str], variant: Variant = Variant()) -> Path:
         """A QDQ model calibrated with `method`, with the `keep` nodes left in float."""
         self._count += 1
         out = self.work / f"int8-{self._count}.onnx"
@@ -134,14 +147,15 @@ class Quantizer:
                     str(out),
                     reader,
                     quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QInt8,
+                    per_channel=variant.per_channel,
+                    reduce_range=variant.reduce_range,
+                    activation_type=QuantType[variant.activations],
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod[method],
                     nodes_to_exclude=self.always_float + list(keep),
                     calibration_cache_path=str(cache),
                     # One batch per collect: bounded memory, and ragged last batches work (see ArrayReader).
-                    extra_options={"CalibStridedMinMax": 1},
+                    extra_options={"CalibStridedMinMax": 1, "ActivationSymmetric": variant.symmetric_activations},
                 )
         finally:
             logger.setLevel(level)
