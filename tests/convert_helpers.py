@@ -126,7 +126,7 @@ def imgsim_weights() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model.pth"
 
 
-def make_trained_resnet50(*, per_family: int = 20, seed: int = 5) -> nn.Module:
+def make_trained_resnet50(*, per_family: int = 40, seed: int = 5) -> nn.Module:
     """A ResNet50 that really learned, from weights nobody here made, in the old back end's format.
 
     The trunk is AugNet's (trained without labels on ImageNet photos by its authors, shipped

@@ -40,9 +40,10 @@ OLD_TRANSFORM = transforms.Compose([
 ])
 
 
-# Each checkpoint and how many photos the clinic brings. The trained network's INT8 keeps every
-# top-1 but moves a probability by more than 0.05 on about one photo in twenty: 19 photos (6 to
-# verify) can miss that, as convert's warning says; 43 (13 to verify, 39 copies) do not.
+# Each checkpoint and how many photos the clinic brings. INT8 moves probabilities more than
+# FP32 does; 43 photos (13 to verify, 39 copies) give convert's verdict on that enough photos
+# to hold on the new photos below. With 19 (6 to verify), an INT8 verdict once passed and then
+# failed on new photos, as convert's warning says it may.
 CHECKPOINTS = {"sensitive": (make_sensitive_resnet50, 19), "trained": (make_trained_resnet50, 43)}
 
 
