@@ -165,13 +165,3 @@ def build_demo(
         return convert(loaded, out=Path(out), name=name, version=version, calibration=images, options=options,
                        source_extra=source_extra, sign_key=sign_key)
 
-
-def checkpoint_sha256(checkpoint: dict) -> str:
-    """sha256 of the checkpoint as `build_demo` saves it (torch.save is deterministic, but the
-    zip's inner folder is named after the file, so the same file name is used)."""
-    from appliance.modeldir import sha256_file
-
-    with tempfile.TemporaryDirectory(prefix="convert-demo-") as tmp:
-        path = Path(tmp) / "demo_checkpoint.pt"
-        torch.save(checkpoint, path)
-        return sha256_file(path)

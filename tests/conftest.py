@@ -167,6 +167,17 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo(tmp_path_factory.mktemp("demo-models"))
 
 
+@pytest.fixture(scope="session")
+def demo_checkpoint_file(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's checkpoint rebuilt from its seed, once per session (training it takes most of a minute).
+
+    bench.baseline's demo_checkpoint refuses a rebuild whose sha256 is not model.json's source.sha256.
+    """
+    from bench.baseline.checkpoint import demo_checkpoint
+
+    return demo_checkpoint(demo_model_dir, tmp_path_factory.mktemp("bench-cache"))
+
+
 @pytest.fixture
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model's version directory, free to tamper with."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.baseline.checkpoint import demo_checkpoint
 from bench.images import MULTIPART_TYPE, multipart_body
 from bench.procs import ROOT, start_appliance, start_baseline
 
@@ -22,17 +21,11 @@ from .conftest import encode, photo
 USER = {"X-User-Id": "user001", "Content-Type": MULTIPART_TYPE}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Rebuilt from the seed; demo_checkpoint refuses a file whose sha256 is not the manifest's.
-    return demo_checkpoint(demo_model_dir, tmp_path_factory.mktemp("bench-cache"))
-
-
 def test_the_baseline_answers_like_the_old_back_end_on_the_same_weights(
-        checkpoint: Path, demo_model_dir: Path, tmp_path: Path) -> None:
+        demo_checkpoint_file: Path, demo_model_dir: Path, tmp_path: Path) -> None:
     data = encode(photo(600, 450, seed=3), quality=95)  # no reduced decode: both servers see every pixel
     body = multipart_body(data, "lesion.jpg")
-    baseline = start_baseline("baseline", checkpoint, tmp_path / "baseline")
+    baseline = start_baseline("baseline", demo_checkpoint_file, tmp_path / "baseline")
     try:
         status, raw = baseline.post("/check-image", body, USER)
         assert status == 200, raw
