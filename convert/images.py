@@ -19,27 +19,28 @@ from appliance.modeldir import CROP, MEAN, RESIZE_SHORTER, STD
 from .errors import ConvertError
 
 
-@functools.lru_cache(maxsize=1)
-def _transform() -> Callable[[Image.Image], Any]:
+@functools.lru_cache(maxsize=2)
+def _transform(crop: int = CROP) -> Callable[[Image.Image], Any]:
+    """The reference transform; a smaller `crop` scales the resize with it (the demo trains at half size)."""
     # torchvision is imported lazily: it is the slow part of `import convert`.
     from torchvision import transforms
 
     return transforms.Compose(
         [
-            transforms.Resize(RESIZE_SHORTER),
-            transforms.CenterCrop(CROP),
+            transforms.Resize(RESIZE_SHORTER * crop // CROP),
+            transforms.CenterCrop(crop),
             transforms.ToTensor(),
             transforms.Normalize(MEAN, STD),
         ]
     )
 
 
-def preprocess(images: Iterable[Image.Image]) -> np.ndarray:
-    """Reference preprocessing of decoded images: float32 [N, 3, 224, 224], normalised."""
-    transform = _transform()
+def preprocess(images: Iterable[Image.Image], crop: int = CROP) -> np.ndarray:
+    """Reference preprocessing of decoded images: float32 [N, 3, crop, crop], normalised."""
+    transform = _transform(crop)
     arrays = [transform(image.convert("RGB")).numpy() for image in images]
     if not arrays:
-        return np.zeros((0, 3, CROP, CROP), np.float32)
+        return np.zeros((0, 3, crop, crop), np.float32)
     return np.stack(arrays).astype(np.float32, copy=False)
 
 
