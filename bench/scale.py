@@ -121,7 +121,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone.main("scale", __doc__, run, table, argv, note="")
+    return standalone.main("scale", __doc__, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _MIGRATION_1),)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-
 def one_line(error: BaseException) -> str:
     """A driver error as one line (libpq messages span several)."""
     text = " ".join(str(error).split())

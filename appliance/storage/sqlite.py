@@ -41,7 +41,6 @@ DB_NAME = "appliance.db"
 IMAGES_DIR = "images"
 
 
-
 def _migration_1(db: Database) -> None:
     """Counters, image records, case records and the pending-files journal.
 
