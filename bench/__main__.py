@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from . import suite, swap
+from . import instruction_sets, suite, swap
 from .load import generator_name
 from .procs import ROOT
 from .report import write_report
@@ -64,7 +64,7 @@ def machine() -> dict[str, Any]:
             pass
     memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal:"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kb / 2**20), "kernel": platform.release(),
+    return {"cpu": cpu, "isa": instruction_sets(), "cores": os.cpu_count(), "memory_gb": round(memory_kb / 2**20), "kernel": platform.release(),
             "python": platform.python_version(), "versions": versions, "load_before": _load()}
 
 

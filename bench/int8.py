@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import instruction_sets
 from convert.checkpoint import LoadedModel, load_checkpoint
 from convert.export import export_onnx
 from convert.images import image_set, jpeg_bytes, load_image_dir
@@ -44,14 +45,18 @@ class Recipe:
 
 
 RECIPES = [
-    Recipe("shipped: MinMax, S8S8, per-channel", "onnxruntime"),
+    Recipe("shipped: U8S8, 7-bit weights, float stem", "onnxruntime"),
     Recipe("shipped, run by OpenVINO", "openvino"),
+    Recipe("before issue 20: S8S8, 8-bit, stem int8", "onnxruntime",
+           variant=Variant(activations="QInt8", reduce_range=False, float_stem=False)),
+    Recipe("before issue 20, run by OpenVINO", "openvino",
+           variant=Variant(activations="QInt8", reduce_range=False, float_stem=False)),
+    Recipe("8-bit weights (saturate without VNNI)", "onnxruntime", variant=Variant(reduce_range=False)),
+    Recipe("stem in INT8 too", "onnxruntime", variant=Variant(float_stem=False)),
+    Recipe("signed activations (S8S8)", "onnxruntime", variant=Variant(activations="QInt8")),
     Recipe("Percentile", "onnxruntime", method="Percentile"),
     Recipe("Entropy", "onnxruntime", method="Entropy"),
     Recipe("symmetric activations", "onnxruntime", variant=Variant(symmetric_activations=True)),
-    Recipe("QUInt8 activations", "onnxruntime", variant=Variant(activations="QUInt8")),
-    Recipe("reduce_range (7-bit weights)", "onnxruntime", variant=Variant(reduce_range=True)),
-    Recipe("QUInt8 activations, 7-bit weights", "onnxruntime", variant=Variant(activations="QUInt8", reduce_range=True)),
     Recipe("per-tensor weights", "onnxruntime", variant=Variant(per_channel=False)),
     Recipe("NNCF (bias correction)", "openvino", nncf=True),
 ]
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(checkpoint)
         calibration, held_out = photos(args.photos, args.held_out)
         rows = measure(model, calibration, held_out, work)
-    print(f"{checkpoint.name}: {len(calibration)} calibration photos")
+    print(f"{checkpoint.name}: {len(calibration)} calibration photos; CPU: {' '.join(instruction_sets()) or 'no AVX2'}")
     print(table(rows, len(held_out)))
     return 0
 

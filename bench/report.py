@@ -124,7 +124,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     plots = _plots(out, results)
     m = results["machine"]
     parts = [f"# Benchmark report, {results['started']}\n",
-             f"Machine: **{m['cpu']}**, {m['cores']} cores, {m['memory_gb']} GB; {m['kernel']}. "
+             f"Machine: **{m['cpu']}** ({' '.join(m.get('isa') or ['no AVX2'])}), {m['cores']} cores, "
+             f"{m['memory_gb']} GB; {m['kernel']}. "
              f"Load average {m['load_before']} before, {m['load_after']} after. Python {m['python']}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
              f"Mode: {'quick (smoke run; numbers are rough)' if results['quick'] else 'full'}; {results['cell_s']} s "

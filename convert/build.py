@@ -159,7 +159,7 @@ def require_fp32_parity(build: Build) -> None:
 def int8(build: Build) -> None:
     """Quantize, searching on calibration and selection photos only; ONNX and OpenVINO INT8 when it meets the bar."""
     from .openvino import convert_ir
-    from .quantize import quantize_int8
+    from .quantize import Variant, quantize_int8
 
     split, options, root = build.split, build.options, build.root
     if split.calibration is None:
@@ -206,6 +206,9 @@ def int8(build: Build) -> None:
     shutil.copyfile(result.path, onnx_int8)
     details = {
         "kept_float_nodes": result.kept_float_nodes,
+        # The recipe that makes the integer arithmetic exact on every x86 CPU (convert/quantize.py).
+        "weight_bits": Variant().weight_bits,
+        "float_stem": result.float_stem,
         "calibration": {
             "images": len(calib),
             "selection_images": len(selection),

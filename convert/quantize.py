@@ -1,5 +1,14 @@
 """Static INT8 (QDQ, per-channel weights) with ONNX Runtime, and the search that makes it trustworthy.
 
+The recipe gives the same answers on every x86 CPU (docs/int8.md): without VNNI, INT8
+kernels multiply unsigned 8-bit activations by signed weights in pairs summed into 16 bits
+(pmaddubsw), which saturates when both products are large. Weights limited to 7 bits keep
+every pair below the limit (2 x 255 x 64 = 32,640 <= 32,767), so the integer arithmetic is
+exact on SSE4.1, AVX2, AVX-512 and VNNI alike, and what convert measures here holds on any
+box. The stem (the layers reading the image) stays in float: its input fills the whole
+8-bit range, which is where the rounding and, with 8-bit weights, the saturation hurt most.
+Activations are unsigned (U8S8), the pairing ONNX Runtime's x86 kernels are fast at.
+
 Plain static INT8 is not always good enough (a deep network with random or fragile
 features can lose most of its top-1 agreement), so when the first try misses the bar:
 1. try every calibration method ONNX Runtime offers (MinMax, Entropy, Percentile);
@@ -97,6 +106,7 @@ class Int8Result:
     attempts: list[Attempt] = field(default_factory=list)
     fp32_under_noise: float | None = None  # FP32's agreement with itself under sub-INT8 input noise, when probed
     worst_nodes: list[str] = field(default_factory=list)  # where quantization error grows most, when searched
+    float_stem: list[str] = field(default_factory=list)  # the stem, in float by the recipe (not searched for)
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,15 @@ class Variant:
     The others exist to be weighed against it (`python -m bench.int8`).
     """
 
-    activations: str = "QInt8"  # or "QUInt8"
+    activations: str = "QUInt8"  # or "QInt8"; unsigned is ONNX Runtime's fast x86 path (U8S8), signed its slow one
     symmetric_activations: bool = False
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights, ORT's advice for U8S8 on CPUs without VNNI
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation on CPUs without VNNI (module docstring)
+    float_stem: bool = True  # the layers reading the image stay in float
+
+    @property
+    def weight_bits(self) -> int:
+        return 7 if self.reduce_range else 8
 
 
 class Quantizer:
@@ -126,6 +141,7 @@ class Quantizer:
         # Softmax stays in float: its output is the answer and the quantization grid would
         # round small probabilities to a handful of levels.
         self.always_float = [n.name for n in graph.node if n.op_type == "Softmax"]
+        self.stem = stem_nodes(graph)
         self._count = 0
         # After sensitivity_ranking: the nodes adding the most quantization error, "name (Op, N dB)".
         self.worst: list[str] = []
@@ -152,7 +168,7 @@ class Quantizer:
                     activation_type=QuantType[variant.activations],
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod[method],
-                    nodes_to_exclude=self.always_float + list(keep),
+                    nodes_to_exclude=self.always_float + (self.stem if variant.float_stem else []) + list(keep),
                     calibration_cache_path=str(cache),
                     # One batch per collect: bounded memory, and ragged last batches work (see ArrayReader).
                     extra_options={"CalibStridedMinMax": 1, "ActivationSymmetric": variant.symmetric_activations},
@@ -183,7 +199,7 @@ class Quantizer:
         for order, node in enumerate(self.nodes):
             # Only nodes with weights are worth keeping in float: excluding a Relu or an Add
             # from quantization barely changes the error (measured on the demo ResNet50).
-            if node.name in self.always_float or node.op_type not in WEIGHTED_OPS:
+            if node.name in self.always_float or node.name in self.stem or node.op_type not in WEIGHTED_OPS:
                 continue
             outs = [sqnr[o] for o in node.output if o in sqnr]
             if not outs:
@@ -200,16 +216,31 @@ class Quantizer:
         ranked = [name for _, _, name in drops]
         ops = {n.name: n.op_type for n in self.nodes}
         self.worst = [f"{name} ({ops[name]}, {drop:.1f} dB)" for drop, _, name in drops[:3] if math.isfinite(drop)]
-        # The first layer (it sees the raw image, whose quantization grid is coarse relative
-        # to what the stem resolves) and the classifier are the classic sensitive pair; the
-        # SQNR drop underrates the stem (on the demo ResNet50, keeping only the stem in float
-        # takes agreement from 96% to 99%), so they go first.
-        weighted = [n for n in self.nodes if n.op_type in WEIGHTED_OPS and n.name not in self.always_float]
-        inputs = {i.name for i in onnx.load(str(self.prep), load_external_data=False).graph.input}
-        first = [n.name for n in weighted if any(i in inputs for i in n.input)]
-        last = [weighted[-1].name] if weighted else []
-        front = list(dict.fromkeys(first + last))
+        # The classifier goes first: with the stem (float already) it is the classic sensitive pair.
+        weighted = [n.name for n in self.nodes if n.op_type in WEIGHTED_OPS and n.name not in self.always_float]
+        front = [name for name in weighted[-1:] if name not in self.stem]
         return front + [name for name in ranked if name not in front]
+
+
+def stem_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The weighted nodes that read the image: reached from the graph's input through no other weighted node."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    stem: list[str] = []
+    seen: set[str] = set()
+    frontier = [i.name for i in graph.input]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in WEIGHTED_OPS:
+                stem.append(node.name)
+            else:
+                frontier.extend(node.output)
+    return stem
 
 
 def quantize_int8(
@@ -249,7 +280,7 @@ def quantize_int8(
         say(f"INT8 {method}: top-1 agreement {result.agreement:.2%}")
         plain.append(result)
         if result.agreement >= bar:
-            return Int8Result(path, method, [], result.agreement, True, attempts)
+            return Int8Result(path, method, [], result.agreement, True, attempts, float_stem=quantizer.stem)
 
     method = max(plain, key=lambda a: a.agreement).method
     assert best is not None
@@ -257,7 +288,8 @@ def quantize_int8(
     if steady is not None and steady < bar:
         say(f"INT8 misses the {bar:.0%} bar, and FP32 itself keeps its answer on only {steady:.2%} of the photos "
             f"under input noise smaller than INT8's rounding: no INT8 can meet the bar; not searching")
-        return Int8Result(best[1], best[0].method, [], best[0].agreement, False, attempts, steady)
+        return Int8Result(best[1], best[0].method, [], best[0].agreement, False, attempts, steady,
+                           float_stem=quantizer.stem)
     say(f"INT8 misses the {bar:.0%} bar with every calibration method; searching for nodes to keep in float ({method})")
     ranking = quantizer.sensitivity_ranking(quantizer.quantize(method, []))
     passes: dict[int, bool] = {0: False}
@@ -276,7 +308,7 @@ def quantize_int8(
     if not check(hi):
         assert best is not None
         return Int8Result(best[1], best[0].method, best[0].kept_float_nodes, best[0].agreement, False, attempts,
-                          steady, quantizer.worst)
+                          steady, quantizer.worst, quantizer.stem)
     lo = max(hi // 2, 0)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -287,7 +319,7 @@ def quantize_int8(
     chosen = next(a for a in reversed(attempts) if a.method == method and len(a.kept_float_nodes) == hi)
     assert best is not None
     path = best[1] if best[0] is chosen else quantizer.quantize(method, ranking[:hi])
-    return Int8Result(path, method, ranking[:hi], chosen.agreement, True, attempts)
+    return Int8Result(path, method, ranking[:hi], chosen.agreement, True, attempts, float_stem=quantizer.stem)
 
 
 def _sqnr(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:

@@ -41,6 +41,7 @@ class OpenVinoRuntime:
         self._compiled: Any = None
         self._request: Any = None
         self._devices: list[str] = []
+        self._kernels: list[str] = []
 
     def load(self, model_file: Path) -> None:
         ov = import_openvino()
@@ -70,6 +71,7 @@ class OpenVinoRuntime:
             self._devices = list(self._compiled.get_property("EXECUTION_DEVICES"))
         except Exception:  # not every plugin reports it
             self._devices = [device]
+        self._kernels = _kernels(self._compiled)
         log.info("openvino: compiled for %s (%s, %s)", ", ".join(self._devices),
                  self.config.performance_hint, self.config.inference_precision)
 
@@ -83,8 +85,26 @@ class OpenVinoRuntime:
             "device": ",".join(self._devices) or self.config.device,
             "performance_hint": self.config.performance_hint,
             "inference_precision": self.config.inference_precision,
+            **({"kernels": self._kernels} if self._kernels else {}),
         }
 
     def close(self) -> None:
         self._request = None
         self._compiled = None
+
+
+def _kernels(compiled: Any) -> list[str]:
+    """The CPU kernels chosen for convolutions and matrix products, which name the instruction set (jit_avx2_I8).
+
+    The same INT8 graph runs different integer kernels on different CPUs (docs/int8.md),
+    so this is what tells one box's arithmetic from another's. Empty where the plugin
+    does not say (GPU, NPU).
+    """
+    try:
+        infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
+        kernels = {i["primitiveType"].astype(str) for i in infos
+                   if i["layerType"].astype(str) in ("Convolution", "FullyConnected", "MatMul")}
+    except Exception:  # rt_info keys are the CPU plugin's, not an API every device honours
+        return []
+    # "undef": an executor chosen at the first inference (FullyConnected), not a kernel yet.
+    return sorted(k for k in kernels if not k.startswith("undef"))
