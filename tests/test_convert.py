@@ -211,6 +211,7 @@ def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys,
     assert set(manifest["served_paths"]) >= {f"{key}/{decode}" for key in manifest["artifacts"] for decode in ("fast", "exact")}
     assert int8["calibration"]["method"] == "MinMax" and int8["calibration"]["skipped_unreadable"] == 1
     assert isinstance(int8["kept_float_nodes"], list)
+    assert int8["weight_bits"] == 7 and len(int8["float_stem"]) == 1  # the recipe, for whoever reads the manifest
     assert_hashes(version, manifest)
     assert_bars(manifest)
     for key in manifest["artifacts"]:
@@ -380,3 +381,33 @@ def test_an_unreadable_sign_key_fails_before_converting(tmp_path, capsys):
     code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--sign-key", junk)
     assert code == 1 and err.startswith(f"convert: error: --sign-key {junk}: cannot read an unencrypted PEM private key")
     assert not (tmp_path / "models").exists()
+
+
+def test_int8_recipe_keeps_every_x86_kernel_exact(tmp_path):
+    # 7-bit weights (no u8 x s8 pair can saturate 16 bits: 2 x 255 x 64 < 32,767), unsigned
+    # activations, and the stem, which reads the image, in float (docs/int8.md).
+    import onnx
+    from onnx import numpy_helper
+
+    from convert.export import export_onnx
+    from convert.images import load_image_dir
+    from convert.quantize import Quantizer
+
+    loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
+    export_onnx(loaded, tmp_path / "model.onnx")
+    photos = load_image_dir(write_photo_dir(tmp_path / "photos", 4))
+    quantizer = Quantizer(tmp_path / "model.onnx", tmp_path, photos.tensors)
+    graph = onnx.load(str(quantizer.quantize("MinMax", []))).graph
+    (stem,) = quantizer.stem
+    stem_node = next(n for n in graph.node if n.name == stem)
+    assert stem_node.op_type == "Conv" and stem_node.input[0] == "input"  # the image itself, not a quantized copy
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert stem_node.input[1] in constants and constants[stem_node.input[1]].dtype == np.float32
+    weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and constants.get(n.input[0]) is not None
+               and constants[n.input[0]].dtype == np.int8]
+    assert len(weights) >= 19  # every other conv and the classifier
+    for dq in weights:
+        assert np.abs(constants[dq.input[0]].astype(int)).max() <= 64, dq.name
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    assert activations and all(constants[q.input[2]].dtype == np.uint8 for q in activations)
+    assert all(n.op_type != "QuantizeLinear" for n in graph.node if "input" in n.input)
