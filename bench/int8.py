@@ -45,13 +45,13 @@ class Recipe:
 
 
 RECIPES = [
-    Recipe("shipped: U8S8, stem in float", "onnxruntime"),
+    Recipe("shipped: U8S8, 7-bit weights, float stem", "onnxruntime"),
     Recipe("shipped, run by OpenVINO", "openvino"),
     Recipe("before issue 20: S8S8, 8-bit, stem int8", "onnxruntime",
            variant=Variant(activations="QInt8", reduce_range=False, float_stem=False)),
     Recipe("before issue 20, run by OpenVINO", "openvino",
            variant=Variant(activations="QInt8", reduce_range=False, float_stem=False)),
-    Recipe("7-bit weights (reduce_range)", "onnxruntime", variant=Variant(reduce_range=True)),
+    Recipe("8-bit weights (saturate without VNNI)", "onnxruntime", variant=Variant(reduce_range=False)),
     Recipe("stem in INT8 too", "onnxruntime", variant=Variant(float_stem=False)),
     Recipe("signed activations (S8S8)", "onnxruntime", variant=Variant(activations="QInt8")),
     Recipe("Percentile", "onnxruntime", method="Percentile"),

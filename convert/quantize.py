@@ -1,13 +1,13 @@
 """Static INT8 (QDQ, per-channel weights) with ONNX Runtime, and the search that makes it trustworthy.
 
-The recipe holds on CPUs without VNNI (docs/int8.md): there, INT8 kernels multiply
-unsigned 8-bit activations by signed weights in pairs summed into 16 bits (pmaddubsw),
-which saturates when both products are large. That happens where activations fill the
-whole 8-bit range, which is the stem (the layers reading the image): it stays in float,
-and the demo's INT8 then gives the exact QDQ answers on AVX2 and SSE4.2 kernels, as on
-VNNI ones. Activations are unsigned (U8S8), the pairing ONNX Runtime's x86 kernels are
-fast at. 7-bit weights (`reduce_range`) would rule saturation out everywhere; measured,
-they cost answers and did not make deeper networks' kernels agree (docs/int8.md).
+The recipe gives the same answers on every x86 CPU (docs/int8.md): without VNNI, INT8
+kernels multiply unsigned 8-bit activations by signed weights in pairs summed into 16 bits
+(pmaddubsw), which saturates when both products are large. Weights limited to 7 bits keep
+every pair below the limit (2 x 255 x 64 = 32,640 <= 32,767), so the accumulations are
+exact on SSE4.1, AVX2, AVX-512 and VNNI alike (rounding between layers may still differ a
+little from kernel to kernel). The stem (the layers reading the image) stays in float: its input fills the whole
+8-bit range, which is where the rounding and, with 8-bit weights, the saturation hurt most.
+Activations are unsigned (U8S8), the pairing ONNX Runtime's x86 kernels are fast at.
 
 Plain static INT8 is not always good enough (a deep network with random or fragile
 features can lose most of its top-1 agreement), so when the first try misses the bar:
@@ -119,7 +119,7 @@ class Variant:
     activations: str = "QUInt8"  # or "QInt8"; unsigned is ONNX Runtime's fast x86 path (U8S8), signed its slow one
     symmetric_activations: bool = False
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights: no int16 saturation anywhere, at a cost (module docstring)
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation on CPUs without VNNI (module docstring)
     float_stem: bool = True  # the layers reading the image stay in float
 
     @property

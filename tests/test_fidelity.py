@@ -138,9 +138,12 @@ def test_int8_is_kept_only_where_it_meets_the_bar(clinic) -> None:
     for key in ("onnx-int8", "openvino-int8"):
         parity = artifacts[key]["parity"]
         assert parity["passed"] and not artifacts[key]["degraded"], (key, parity)
-    # Held-out photos convert never saw, more of them than its verification split.
-    tensors = preprocess(synthetic_photos(70, 31, (400, 300)))
+    # Held-out photos convert never saw, enough to measure its 99% bar: on 70, one flip already
+    # failed (an INT8 that truly agrees on 99% passes zero flips in 70 only half the time).
+    # On 200, at most 4 flips (98%) is where an INT8 truly at the bar lands 95 times in 100.
+    tensors = preprocess(synthetic_photos(200, 31, (400, 300)))
     with torch.no_grad():
-        expected = torch.softmax(model(torch.from_numpy(tensors)), 1).numpy()
+        expected = torch.cat([torch.softmax(model(torch.from_numpy(tensors[i : i + 25])), 1)
+                              for i in range(0, len(tensors), 25)]).numpy()
     got = infer_all(load_runtime(models / "1" / artifacts["onnx-int8"]["file"], "onnx").infer, tensors, batch=16)
-    assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.99
+    assert np.sum(got.argmax(1) != expected.argmax(1)) <= 4

@@ -1,8 +1,8 @@
 """INT8 that holds on every x86 instruction set: the demo's INT8 run as older CPUs run it.
 
-Without VNNI, INT8 kernels add u8 x s8 products in pairs into 16 bits, which saturates
-where activations fill the 8-bit range; convert's recipe keeps that layer, the stem, in
-float, and then every CPU must give the demo the answers this one gives. OpenVINO's kernels obey
+Without VNNI, INT8 kernels add u8 x s8 products in pairs into 16 bits, which saturates;
+convert's recipe (7-bit weights, the stem in float) keeps the integer arithmetic exact,
+so every CPU must give the answers this one gives. OpenVINO's kernels obey
 ONEDNN_MAX_CPU_ISA, so each instruction set below this machine's runs natively (and the
 kernels it chose must name the cap); ONNX Runtime has no such switch, so it runs under
 qemu-x86_64 as an older CPU, on one photo (emulation costs about a minute a photo).
@@ -128,5 +128,5 @@ def test_demo_onnxruntime_int8_gives_the_same_answer_on_an_older_cpu(cpu, demo_m
     assert json.loads(done.stdout.splitlines()[-1]) == {"AVX2": False, "AVX512F": False, **QEMU_CPUS[cpu]}
     there = np.load(out)
     assert there.argmax(1) == reference[:1].argmax(1)
-    # Saturating kernels moved these log-probabilities by 0.1 and more (measured with the stem in INT8).
+    # Saturating kernels move these log-probabilities by 0.1 and more (measured on 8-bit weights).
     np.testing.assert_allclose(np.log(there), np.log(here), atol=1e-3)
