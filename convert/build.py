@@ -206,7 +206,7 @@ def int8(build: Build) -> None:
     shutil.copyfile(result.path, onnx_int8)
     details = {
         "kept_float_nodes": result.kept_float_nodes,
-        # The recipe that makes the integer arithmetic exact on every x86 CPU (convert/quantize.py).
+        # The recipe (convert/quantize.py): weight precision, and the stem it keeps in float.
         "weight_bits": Variant().weight_bits,
         "float_stem": result.float_stem,
         "calibration": {

@@ -1,12 +1,13 @@
 """Static INT8 (QDQ, per-channel weights) with ONNX Runtime, and the search that makes it trustworthy.
 
-The recipe gives the same answers on every x86 CPU (docs/int8.md): without VNNI, INT8
+The recipe leaves no x86 CPU's kernels room to saturate (docs/int8.md): without VNNI, INT8
 kernels multiply unsigned 8-bit activations by signed weights in pairs summed into 16 bits
 (pmaddubsw), which saturates when both products are large. Weights limited to 7 bits keep
 every pair below the limit (2 x 255 x 64 = 32,640 <= 32,767), so the accumulations are
-exact on SSE4.1, AVX2, AVX-512 and VNNI alike (rounding between layers may still differ a
-little from kernel to kernel). The stem (the layers reading the image) stays in float: its input fills the whole
-8-bit range, which is where the rounding and, with 8-bit weights, the saturation hurt most.
+exact on SSE4.1, AVX2, AVX-512 and VNNI alike; rounding between layers may still differ a
+little from kernel to kernel, which only measuring on the box itself can rule out. The stem
+(the layers reading the image) stays in float: its input fills the whole 8-bit range, which
+is where the rounding and, with 8-bit weights, the saturation hurt most.
 Activations are unsigned (U8S8), the pairing ONNX Runtime's x86 kernels are fast at.
 
 Plain static INT8 is not always good enough (a deep network with random or fragile
