@@ -28,6 +28,8 @@ from .config import Config, ModelConfig, load_config, wanted_path
 from .errors import ApplianceError, PayloadTooLarge, StoreUnavailable
 from .inference.lifecycle import ModelLifecycle, ReloadOutcome
 from .inference.model import LoadedModel, load_model, resolve_model_dir
+from .inference.proof import Proof, prove
+from .inference.runtimes import create_runtime
 from .inference.scheduler import Scheduler
 from .keys import (
     API_KEYS,
@@ -186,13 +188,19 @@ class _ModelSettings:
         """Load, verify, warm up and self-check one version directory (blocking)."""
         return load_model(directory, wanted_path(dataclasses.replace(self.config, model=self.model)),
                           self.config.runtime.selected, max_batch=self.config.inference.max_batch,
-                          trusted_keys=self.model.trusted_keys, measure_in=self.timings_dir())
+                          trusted_keys=self.model.trusted_keys,
+                          measure_in=self.machine_dir() if self.model.measure_paths else None,
+                          prove_in=self.machine_dir() if self.model.prove_paths else None)
 
-    def timings_dir(self) -> Path | None:
-        """Where path timings are cached (model.measure_paths): beside the compiled-model cache if the back end
-        has one (runtime.<name>.cache_dir), else model.cache_dir."""
-        if not self.model.measure_paths:
-            return None
+    def prove(self, model: LoadedModel, cancelled: Callable[[], bool]) -> Proof:
+        """Run `model`'s pending proof on this machine and cache it (blocking, about a minute)."""
+        runtime = self.config.runtime
+        return prove(model.manifest, model.proof, lambda: create_runtime(runtime.backend, runtime.selected),
+                     max_batch=self.config.inference.max_batch, cancelled=cancelled)
+
+    def machine_dir(self) -> Path:
+        """Where what this machine measured is cached (path timings, proofs): beside the compiled-model cache if
+        the back end has one (runtime.<name>.cache_dir), else model.cache_dir."""
         compiled = getattr(self.config.runtime.selected, "cache_dir", None)  # each back end's own table decides
         return Path(compiled) if compiled is not None else self.model.cache_dir
 
@@ -219,10 +227,11 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     )
     scheduler.start()
     lifecycle = ModelLifecycle(model, scheduler, pick=settings.pick, load=settings.load, close_executor=inference,
-                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit)
+                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit, prove=settings.prove)
     lifecycle.listeners.append(lambda outcome: _count_reload(app, outcome))
     app[MODELS] = lifecycle
     app[SCHEDULER] = scheduler
+    lifecycle.prove_soon()
     yield
     await scheduler.stop()
     await lifecycle.close()
@@ -230,6 +239,8 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
 
 def _serve_model(app: web.Application, model: LoadedModel) -> None:
     """After a swap: new requests classify on `model` (those running keep the classifier they started with)."""
+    if CLINIC not in app:  # swapped before the clinic service started (a quick proof): it starts on `model`
+        return
     clinic = app[CLINIC]
     clinic.classifier = dataclasses.replace(clinic.classifier, model=model)
 

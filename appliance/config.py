@@ -60,6 +60,8 @@ class ModelConfig:
     poll_interval_s: float = setting(0.0, Check("0 (off) or a number of seconds", at_least=0))
     # `auto` by measurement: time the paths that met their bar on this machine at a version's first start.
     measure_paths: bool = False
+    # Prove each path on this machine with the version's verification set before a fast one serves (inference/proof.py).
+    prove_paths: bool = True
 
     def __post_init__(self) -> None:
         if self.pin_version and not self.pin_version.isdigit():

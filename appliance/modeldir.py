@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Literal, cast
 
@@ -214,7 +214,8 @@ class Artifact:
 
 @dataclass(frozen=True)
 class GoldenImage:
-    """An encoded image with the probabilities PyTorch FP32 gives it; the server self-checks on it at start."""
+    """An encoded image with PyTorch FP32's probabilities: a golden image (the self-check at every start) or a
+    verification photo (the proof of each path on a new machine, inference/proof.py)."""
 
     file: str
     probabilities: tuple[float, ...]
@@ -245,6 +246,8 @@ class Manifest:
     created_at: str = ""
     source: Mapping[str, Any] = field(default_factory=dict)  # the checkpoint it came from
     verification: Mapping[str, Any] = field(default_factory=dict)  # the photos the served paths were measured on
+    # Its `set`: the verification photos as taken, with PyTorch's probabilities; a box proves its paths on them.
+    verification_set: tuple[GoldenImage, ...] = ()
 
     @property
     def golden_sha256(self) -> dict[str, str]:
@@ -267,7 +270,8 @@ class Manifest:
             "source": dict(self.source),
             "artifacts": {key: a.to_json() for key, a in self.artifacts.items()},
             "served_paths": {p.key: p.to_json() for p in self.served_paths},
-            "verification": dict(self.verification),
+            "verification": {**self.verification,
+                             **({"set": [p.to_json() for p in self.verification_set]} if self.verification_set else {})},
             "golden": [g.to_json() for g in self.golden],
         }
 
@@ -327,13 +331,15 @@ def read_manifest(
         if trusted_keys:
             verify_signature(directory, text, trusted_keys)
         artifacts = {key: Artifact.from_json(key, a) for key, a in raw["artifacts"].items()}
-        golden = tuple(GoldenImage(str(g["file"]), tuple(float(p) for p in g["probabilities"]),
-                                   str(g["sha256"]) if "sha256" in g else None) for g in raw.get("golden", []))
+        golden = _images(raw.get("golden", []))
+        verification = dict(raw.get("verification", {}))
+        verification_set = _images(verification.pop("set", []))
         # From format 2 on every file the server reads is hashed: a golden image without one would
         # let whoever edits the directory choose what the self-check compares against.
-        unhashed = [g.file for g in golden if g.sha256 is None]
-        if fmt >= 2 and unhashed:
-            raise ValueError(f"golden {unhashed[0]} has no sha256")
+        for what, images in (("golden", golden if fmt >= 2 else ()), ("verification", verification_set)):
+            unhashed = [g.file for g in images if g.sha256 is None]
+            if unhashed:
+                raise ValueError(f"{what} {unhashed[0]} has no sha256")
         if fmt >= 2:
             served = tuple(ServedPath.from_json(p) for p in raw["served_paths"].values())
         else:
@@ -357,7 +363,8 @@ def read_manifest(
             format=int(fmt),
             created_at=str(raw.get("created_at", "")),
             source=dict(raw.get("source", {})),
-            verification=dict(raw.get("verification", {})),
+            verification=verification,
+            verification_set=verification_set,
         )
     except FileNotFoundError:
         raise ModelError(f"{path}: missing") from None
@@ -366,11 +373,23 @@ def read_manifest(
     crop = manifest.preprocessing.crop
     if manifest.input_shape[1:] != (3, crop, crop):
         raise ModelError(f"{path}: input shape {list(manifest.input_shape)} does not match the {crop}x{crop} crop")
-    for image in golden:
-        if len(image.probabilities) != len(manifest.labels):
-            raise ModelError(f"{path}: golden {image.file} has {len(image.probabilities)} probabilities "
-                             f"for {len(manifest.labels)} labels")
+    for what, images in (("golden", golden), ("verification", verification_set)):
+        for image in images:
+            if len(image.probabilities) != len(manifest.labels):
+                raise ModelError(f"{path}: {what} {image.file} has {len(image.probabilities)} probabilities "
+                                 f"for {len(manifest.labels)} labels")
     return manifest
+
+
+def _images(entries: Iterable[Mapping[str, Any]]) -> tuple[GoldenImage, ...]:
+    """Golden or verification entries: a file inside the version directory, its sha256 and PyTorch's probabilities."""
+    images = tuple(GoldenImage(str(g["file"]), tuple(float(p) for p in g["probabilities"]),
+                               str(g["sha256"]) if g.get("sha256") else None) for g in entries)
+    for image in images:
+        name = PurePosixPath(image.file)
+        if name.is_absolute() or ".." in name.parts:
+            raise ValueError(f"unsafe file name {image.file!r}")
+    return images
 
 
 def _check_digest(directory: Path, text: bytes) -> None:

@@ -231,13 +231,15 @@ def _highest_version_prefix(target: Any, url: str) -> str:
 
 
 def _expected_files(manifest: dict[str, Any]) -> dict[str, str | None]:
-    """Every file the manifest names, with its sha256 where it gives one (artifacts do; golden images from format 2 on)."""
+    """Every file the manifest names, with its sha256 where it gives one (artifacts do; golden images from format 2 on;
+    verification photos always)."""
     files: dict[str, str | None] = {}
     for artifact in manifest["artifacts"].values():
         for rel, digest in artifact.get("files", {artifact["file"]: artifact["sha256"]}).items():
             files[_safe(rel)] = str(digest)
-    for golden in manifest.get("golden", []):
-        files.setdefault(_safe(golden["file"]), golden.get("sha256"))
+    verification = manifest.get("verification", {})
+    for image in [*manifest.get("golden", []), *(verification.get("set", []) if isinstance(verification, dict) else [])]:
+        files.setdefault(_safe(image["file"]), image.get("sha256"))
     return files
 
 

@@ -163,18 +163,39 @@ def toml(table: dict[str, Any], prefix: str = "") -> str:
 
 
 def start_appliance(name: str, model_dir: Path, work: Path, overrides: dict[str, dict[str, Any]],
-                    timeout_s: float = 120.0) -> Server:
-    """`appliance serve` on a free port with the defaults plus `overrides` ({section: {key: value}})."""
+                    timeout_s: float = 120.0, *, proven: bool = True) -> Server:
+    """`appliance serve` on a free port with the defaults plus `overrides` ({section: {key: value}}).
+
+    With `proven`, it returns once the model's paths are proven on this CPU and the fastest
+    that passed serves (appliance/inference/proof.py): a proof running in the background
+    would take CPU from what is measured. The servers of one run share the proofs, as one
+    box's restarts do.
+    """
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {"model": {"path": str(model_dir.resolve())}, "storage": {"root": str((work / "data").resolve())}}
+    config: dict[str, Any] = {"model": {"path": str(model_dir.resolve()),
+                                        "cache_dir": str((work.parent / "machine-cache").resolve())},
+                              "storage": {"root": str((work / "data").resolve())}}
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
     (work / "config.toml").write_text(toml(config))
     argv = [sys.executable, "-m", "appliance", "serve", "--config", str(work / "config.toml"), "--port", str(port)]
     server = _spawn(name, argv, work / "server.log", "/ready", port, timeout_s)
     server.notes["config"] = config
+    if proven:
+        wait_proven(server)
     return server
+
+
+def wait_proven(server: Server, timeout_s: float = 900.0) -> None:
+    """Wait until the served model's proof on this CPU is no longer pending (see start_appliance)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = server.get("/v1/info")
+        if status == 200 and json.loads(body)["served_path"]["proof"]["state"] != "pending":
+            return
+        time.sleep(1.0)
+    raise ServerFailed(f"{server.name}: its paths were not proven on this CPU after {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
 def start_baseline(name: str, checkpoint: Path, work: Path, *, threaded: bool = False,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance import imaging
 from appliance.errors import ModelError
 from appliance.modeldir import (
     Artifact,
@@ -55,6 +56,7 @@ from .synthetic import synthetic_photos
 from .verify import infer_all
 
 HOLDOUT_SEED = 0
+VERIFICATION_DIR = "verification"
 SYNTHETIC_SEED = 5_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -191,6 +193,7 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
     if golden.low_margin:
         say(f"note: {golden.low_margin} golden image(s) have a top-1 margin under {golden_mod.MIN_MARGIN}; the model is rarely that sure of synthetic photos")
     paths = _served_paths(build, golden)
+    verification_set = _write_verification_set(root / VERIFICATION_DIR, build)
     artifacts = {art.key: Artifact.hashed(
         art.key, root, art.format, art.precision, art.files,
         degraded=not art.parity.passed,
@@ -221,6 +224,7 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
             for path, probs in zip(golden.files, golden.probabilities, strict=True)
         ),
         served_paths=tuple(paths),
+        verification_set=verification_set,
         verification={"photos": len(build.split.verification), "source": build.split.source,
                       "copies": sum(p.is_copy for p in build.photos), "min_photos": MIN_VERIFICATION_PHOTOS,
                       "bar": options.bar.to_json(), "warnings": warnings},
@@ -232,6 +236,25 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
         shout("no served path met the bar: the appliance will refuse to serve this model (its message names the "
               "settings); add photos to --calibration-dir, or relax --min-agreement / --max-dp")
     return manifest, table
+
+
+def _write_verification_set(directory: Path, build: Build) -> tuple[GoldenImage, ...]:
+    """The verification photos as taken (EXIF and all), with PyTorch's answers: what a box proves its paths on.
+
+    Their copies at phone sizes stay out: they measured the decode, which does not change from one
+    CPU to the next, and would weigh hundreds of MB.
+    """
+    directory.mkdir()
+    entries = []
+    for index, photo in enumerate(build.split.verification):
+        file = directory / f"{index:04d}.{imaging.sniff(photo.data)}"
+        file.write_bytes(photo.data)
+        # `build.photos` begins with the verification photos themselves, in this order; their copies follow.
+        entries.append(GoldenImage(file.relative_to(directory.parent).as_posix(),
+                                   tuple(float(x) for x in build.reference[index]), sha256_file(file)))
+    say(f"verification set: {len(entries)} photos, {sum(len(p.data) for p in build.split.verification) / 1e6:.1f} MB "
+        f"in {directory.name}/ (a box proves its served paths on them)")
+    return tuple(entries)
 
 
 def _served_paths(build: Build, golden: golden_mod.Golden) -> list[ServedPath]:

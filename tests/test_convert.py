@@ -208,6 +208,12 @@ def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys,
     assert (version / "model.json.sha256").read_text() == f"{sha256(version / 'model.json')}  model.json\n"
     for golden in manifest["golden"]:
         assert golden["sha256"] == sha256(version / golden["file"])
+    # The held-out photos travel with the version as taken (a box proves its paths on them), each hashed.
+    taken = {p.read_bytes() for p in photos.iterdir()}
+    verification = manifest["verification"]["set"]
+    assert len(verification) == manifest["verification"]["photos"]
+    assert all((version / v["file"]).read_bytes() in taken and v["sha256"] == sha256(version / v["file"])
+               and len(v["probabilities"]) == len(LABELS) for v in verification)
     assert set(manifest["served_paths"]) >= {f"{key}/{decode}" for key in manifest["artifacts"] for decode in ("fast", "exact")}
     assert int8["calibration"]["method"] == "MinMax" and int8["calibration"]["skipped_unreadable"] == 1
     assert isinstance(int8["kept_float_nodes"], list)

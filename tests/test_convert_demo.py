@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from convert.__main__ import main
-from convert.demo import DEMO_SEED, synthetic_photos
+from convert.demo import DEMO_SEED, HELDOUT_IMAGES, PHOTO_SIZE, synthetic_photos
 from convert.golden import margin
-from convert.images import preprocess_file
+from convert.images import jpeg_bytes, preprocess_file
 from convert.verify import infer_all, load_runtime
 
 from .convert_helpers import assert_bars, assert_hashes, load_manifest
@@ -112,6 +114,20 @@ def test_demo_golden_vectors(demo_dir):
         limit = manifest["artifacts"][key]["selfcheck_max_abs_dp"]
         assert np.max(np.abs(got - expected)) <= limit, key
         assert (got.argmax(1) == expected.argmax(1)).all(), key
+
+
+def test_demo_carries_its_verification_photos_as_taken_with_pytorchs_answers(demo_dir):
+    manifest = load_manifest(demo_dir)
+    entries = manifest["verification"]["set"]
+    # The demo's held-out photos (convert/demo.py), in order, byte for byte: the photos as taken, no copies.
+    held_out = [jpeg_bytes(image) for image in synthetic_photos(HELDOUT_IMAGES, DEMO_SEED + 4, PHOTO_SIZE)]
+    assert [(demo_dir / e["file"]).read_bytes() for e in entries] == held_out
+    assert [e["file"] for e in entries] == [f"verification/{k:04d}.jpeg" for k in range(HELDOUT_IMAGES)]
+    assert all(hashlib.sha256((demo_dir / e["file"]).read_bytes()).hexdigest() == e["sha256"] for e in entries)
+    # PyTorch's answers: the FP32 export reproduces them within its parity bar (1e-3).
+    tensors = np.stack([preprocess_file(demo_dir / e["file"]) for e in entries])
+    got = infer_all(load_runtime(demo_dir / "model.onnx", "onnx").infer, tensors, batch=16)
+    assert np.max(np.abs(got - np.array([e["probabilities"] for e in entries]))) < 1e-3
 
 
 def test_demo_refuses_an_existing_version(demo_dir, capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance.inference.proof import cpu_info
 from convert.demo import DEMO_SEED, HELDOUT_IMAGES, PHOTO_SIZE
 from convert.images import jpeg_bytes, reference_tensor
 from convert.synthetic import synthetic_photos
@@ -33,14 +34,7 @@ BAR = 0.995  # issue 20: the demo's INT8 agrees on 99.5%, overall and in every c
 MAX_DP = 0.05
 
 
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-FLAGS = cpu_flags()
+FLAGS = set(cpu_info()[1])
 NATIVE = max(i for i, (_, flag, _) in enumerate(ISA_LADDER) if flag in FLAGS)
 CAPS = [cap for cap, _, _ in ISA_LADDER[:NATIVE]]  # every instruction set below this CPU's own
 

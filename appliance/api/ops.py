@@ -116,9 +116,9 @@ def name_answer(request: web.Request, response: web.Response, model: dict[str, A
 
 
 def served_path(model: LoadedModel) -> dict[str, Any]:
-    """Which served path answers and why, with the figures convert measured for it."""
+    """Which served path answers and why, with the figures convert measured for it and this machine's proof."""
     path = model.served
     return {"key": path.key, "artifact": path.artifact, "decode": path.decode,
             "inference_precision": path.inference_precision,
             "ms_per_image": path.ms_per_image, "why": model.choice.reason, "passed": path.passed,
-            "verification": dict(path.figures)}
+            "verification": dict(path.figures), "proof": model.proof.describe(model.manifest)}

@@ -26,12 +26,14 @@ from typing import Any, Literal
 from ..errors import ApplianceError
 from ..modeldir import MANIFEST
 from .model import LoadedModel
+from .proof import Proof
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 Result = Literal["ok", "refused", "unchanged"]
 POLL = "poll"  # the trigger name of model.poll_interval_s's reloads
+PROVEN = "proven on this CPU"  # the trigger name of the reload that follows a version's proof (inference/proof.py)
 CLOSE_WAIT_S = 10.0  # at shutdown, how long a swapped-out version may take to close
 
 
@@ -63,7 +65,8 @@ class ModelLifecycle:
     def __init__(self, model: LoadedModel, scheduler: Scheduler, *, pick: Callable[[], Path],
                  load: Callable[[Path], LoadedModel], close_executor: Executor,
                  on_swap: Callable[[LoadedModel], None] = lambda model: None,
-                 commit: Callable[[Path], None] = lambda directory: None) -> None:
+                 commit: Callable[[Path], None] = lambda directory: None,
+                 prove: Callable[[LoadedModel, Callable[[], bool]], Proof] | None = None) -> None:
         self.current = model
         self.scheduler = scheduler
         self._pick = pick  # blocking: re-read the settings, fetch if needed, name the version directory
@@ -71,6 +74,10 @@ class ModelLifecycle:
         self._close_executor = close_executor  # the inference thread: a runtime closes between its batches
         self._on_swap = on_swap
         self._commit = commit  # blocking: a version that passed becomes the one a restart loads (model.url's cache)
+        self._prove = prove  # blocking: run a pending proof on this machine and cache it
+        self._proving: asyncio.Task[None] | None = None
+        self._proven: set[Path] = set()  # proven in this process: an uncacheable proof is not run in a loop
+        self._stopping = False
         self._refused: set[Path] = set()  # the poll does not load these again; an operator's reload does
         # Told every outcome (metrics, systemd's STATUS=); a listener's failure never fails a reload.
         self.listeners: list[Callable[[ReloadOutcome], None]] = []
@@ -91,11 +98,47 @@ class ModelLifecycle:
         """The directory of the version serving now."""
         return self.current.manifest.directory
 
+    def prove_soon(self) -> None:
+        """If the version serving has not been proven on this machine, prove it in the background, then reload it.
+
+        Safe first, fast once proven: the FP32 path it was loaded on serves meanwhile, and
+        the reload (trigger PROVEN) swaps in the fastest path that passed here as any
+        reload swaps, so no request fails.
+        """
+        model = self.current
+        if self._prove is None or model.proof.state != "pending" or self._stopping:
+            return
+        if self.version_dir in self._proven:
+            log.warning("%s was proven on this machine but its proof could not be cached (%s): FP32 serves on",
+                        self.version_dir, model.proof.file)
+            return
+        if self._proving is not None:
+            self._proving.cancel()  # a proof of a version no longer served
+        self._proving = asyncio.get_running_loop().create_task(self._prove_then_reload(model), name="model-proof")
+
+    async def _prove_then_reload(self, model: LoadedModel) -> None:
+        assert self._prove is not None
+        prove = self._prove
+        try:
+            proof = await asyncio.to_thread(prove, model, lambda: self._stopping or self.current is not model)
+        except Exception as exc:  # a photo that no longer decodes, a runtime's own error: FP32 serves on
+            log.error("proving %s v%s on this machine failed (%s: %s); the FP32 path serves on until a reload",
+                      model.manifest.name, model.manifest.version, type(exc).__name__, exc)
+            return
+        if proof.state == "proven" and self.current is model and not self._stopping:
+            # Shown at once; if no path passes here the reload is refused and this one serves on, its answers
+            # flagged degraded when it failed here too.
+            model.proof = proof
+            self._on_swap(model)  # the answers' `model` field is computed once per swap
+            self._proven.add(model.manifest.directory)
+            await self.reload(PROVEN)
+
     async def reload(self, trigger: str) -> ReloadOutcome:
         """Re-read the model directory and serve the version it names, if it passes every check; never raises.
 
         Trigger "poll" (the bucket poll) is quiet when nothing changed, or when it is refused for the reason
-        the last reload was: no log line, no record, no count.
+        the last reload was: no log line, no record, no count. Trigger PROVEN loads the version serving
+        again, its proof now cached.
         """
         async with self._lock:
             if trigger != POLL:
@@ -125,14 +168,14 @@ class ModelLifecycle:
             # Two models in memory at most: a version swapped out must be closed before another one loads.
             await asyncio.gather(*self._retiring, return_exceptions=True)
         try:
-            directory = (await asyncio.to_thread(self._pick)).resolve()
+            directory = self.version_dir.resolve() if trigger == PROVEN else (await asyncio.to_thread(self._pick)).resolve()
         except ApplianceError as exc:
             return outcome("", "refused", exc.detail)
         except Exception as exc:  # an unreadable directory, a bucket client's own error: nothing to load
             log.exception("picking the version to serve failed")
             return outcome("", "refused", f"{type(exc).__name__}: {exc}")
         self.available = _version_of(directory) or self.available
-        if directory == self.version_dir.resolve():
+        if directory == self.version_dir.resolve() and trigger != PROVEN:
             return outcome(self.current.manifest.version, "unchanged", f"already serving {directory}")
         if trigger == POLL and directory in self._refused:
             return outcome(self.available, "unchanged", f"{directory} was refused before; not loaded again")
@@ -158,6 +201,7 @@ class ModelLifecycle:
         task = asyncio.get_running_loop().create_task(self._retire(old), name="model-retire")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        self.prove_soon()
         return outcome(model.manifest.version, "ok",
                        f"serving {model.served.key} from {directory} (ready in {time.monotonic() - started:.1f} s; "
                        f"self-check max |dp| {model.selfcheck_max_abs_dp:.2g}); v{old.manifest.version} retired")
@@ -175,7 +219,11 @@ class ModelLifecycle:
             await self.reload(POLL)
 
     async def close(self) -> None:
-        """Wait for retiring versions to close (each waits only for requests already running), then the current."""
+        """Stop a proof, wait for retiring versions to close (each waits only for requests already running), then
+        the current."""
+        self._stopping = True
+        if self._proving is not None:
+            await asyncio.gather(self._proving, return_exceptions=True)  # its thread stops within one batch
         if self._retiring:
             # The scheduler has stopped by now (its jobs answered 503), so each retiring version drains at once;
             # the bound only guards against a request that never ended.

@@ -9,6 +9,7 @@ PyTorch's answers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from ..errors import ModelError
 # Manifest is re-exported: the API layer names the served model's manifest from here.
 from ..modeldir import MANIFEST, Artifact, Manifest as Manifest, ServedPath, verify_files
 from .paths import Choice, Wanted, choose_path, legacy_paths
+from .proof import Proof, find_proof, fingerprint
 from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
 from .timing import measured_choice, timings_file
 
@@ -43,6 +45,7 @@ class LoadedModel:
     runtime: Runtime
     choice: Choice
     selfcheck_max_abs_dp: float = 0.0
+    proof: Proof = Proof("off", "not asked")  # this machine's proof of the served paths (inference/proof.py)
 
     @property
     def served(self) -> ServedPath:
@@ -63,7 +66,7 @@ class LoadedModel:
             "served_path": self.served.key,
             "demo": self.manifest.demo,
         }
-        if self.artifact.degraded or self.choice.degraded:
+        if self.artifact.degraded or self.choice.degraded or self.proof.failed_here(self.served):
             info["degraded"] = True
         return info
 
@@ -123,8 +126,10 @@ def read_manifest(directory: Path, trusted_keys: tuple[Path, ...] = ()) -> Manif
     return manifest
 
 
-def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choice:
-    """The served path for these settings (see paths.choose_path), its artifact checked to exist here."""
+def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...],
+           paths: Iterable[ServedPath] | None = None) -> Choice:
+    """The served path for these settings (see paths.choose_path) among `paths` (the manifest's, as this machine
+    may serve them: proof.Proof.apply), its artifact checked to exist here."""
     if wanted.artifact != "auto":
         artifact = manifest.artifacts.get(wanted.artifact)
         if artifact is None:
@@ -137,7 +142,8 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
                              f"\"{wanted.runtime}\" loads {', '.join(formats)}")
     rank = {a.key: PRECISION_SPEED_RANK.get(a.precision, 9) * len(formats) + formats.index(a.format)
             for a in manifest.artifacts.values() if a.format in formats}
-    choice = choose_path(list(manifest.served_paths), wanted, rank=rank, source=str(manifest.directory))
+    served = list(manifest.served_paths if paths is None else paths)
+    choice = choose_path(served, wanted, rank=rank, source=str(manifest.directory))
     if choice.degraded or manifest.artifacts[choice.path.artifact].degraded:
         log.warning("SERVING A DEGRADED PATH: %s missed its parity bar; answers are flagged", choice.path.key)
     return choice
@@ -145,19 +151,31 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...]) -> Choi
 
 def load_model(
     path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = (),
-    pin_version: str = "", measure_in: Path | None = None,
+    pin_version: str = "", measure_in: Path | None = None, prove_in: Path | None = None,
 ) -> LoadedModel:
     """Resolve (`pin_version` or the highest), verify (signature by one of `trusted_keys` when given), choose the
-    served path (by timing them on this machine, cached in `measure_in`, when given), load, warm up and
-    self-check; raise ModelError on any failure."""
+    served path (among those proven on this machine, the proof cached in `prove_in`, when given; by timing them on
+    this machine, cached in `measure_in`, when given), load, warm up and self-check; raise ModelError on any failure.
+
+    A version not yet proven here is served on an FP32 path, its proof pending (`LoadedModel.proof`): the
+    lifecycle proves it and loads it again.
+    """
     directory = resolve_model_dir(path, pin_version)
     manifest = read_manifest(directory, trusted_keys)
     runtime = create_runtime(wanted.runtime, runtime_config)
     formats = type(runtime).formats
-    choice = choose(manifest, wanted, formats)
+    # Every path these settings allow that passed at convert: what a proof runs, and what `auto` picks among.
+    allowed = [p for p in manifest.served_paths
+               if p.passed and wanted.allows(p) and manifest.artifacts[p.artifact].format in formats]
+    proof = find_proof(manifest, allowed, fingerprint(runtime, runtime_config), prove_in)
+    paths = proof.apply(manifest.served_paths, manifest, named=wanted.artifact != "auto")
+    choice = choose(manifest, wanted, formats, paths)
+    if proof.state == "pending" and manifest.artifacts[choice.path.artifact].precision == "fp32" and wanted.artifact == "auto":
+        choice = dataclasses.replace(choice, reason=f"safe first: {proof.reason} ({choice.reason})")
+    elif proof.state == "proven" and not choice.degraded:
+        choice = dataclasses.replace(choice, reason=f"{choice.reason}; {proof.reason}")
     verify_files(directory, manifest.golden_sha256, "golden image")
-    candidates = [p for p in manifest.served_paths
-                  if p.passed and wanted.allows(p) and manifest.artifacts[p.artifact].format in formats]
+    candidates = [p for p in paths if p.passed and wanted.allows(p) and manifest.artifacts[p.artifact].format in formats]
     if measure_in is not None and not choice.degraded and len(candidates) > 1:
         for artifact_key in sorted({p.artifact for p in candidates}):  # nothing unverified runs, timed or served
             verify_files(directory, manifest.artifacts[artifact_key].files, f"artifact {artifact_key}")
@@ -166,7 +184,7 @@ def load_model(
     artifact = manifest.artifacts[choice.path.artifact]
     verify_files(directory, artifact.files, f"artifact {artifact.key}")
     runtime.load(directory / artifact.file)
-    model = LoadedModel(manifest, artifact, runtime, choice)
+    model = LoadedModel(manifest, artifact, runtime, choice, proof=proof)
     try:
         warm_up(model, max_batch)
         model.selfcheck_max_abs_dp = self_check(model, max_batch)

@@ -27,6 +27,15 @@ function duration(seconds) {
 
 function ms(value) { return typeof value === "number" ? value + " ms" : null; }
 
+// Each path run on this CPU, with its figures here and on the machine that converted it.
+function proofText(proof) {
+  if (!proof) return null;
+  const paths = Object.entries(proof.paths || {}).map(([key, p]) =>
+    key + ": " + (p.passed_here ? "passes" : "FAILS") + " here (" + p.here + "); converting machine: " +
+    (p.converting_machine || "passed"));
+  return proof.state + ": " + proof.reason + (paths.length ? ". " + paths.join(". ") : "");
+}
+
 function render(status) {
   const model = status.model || {};
   const runtime = status.runtime || {};
@@ -43,6 +52,7 @@ function render(status) {
   const served = status.served_path || {};
   set("served-path", served.key);
   set("served-why", served.why);
+  set("served-proof", proofText(served.proof));
   set("model-demo", model.demo ? "yes: not medical predictions" : "no");
   $("demo-banner").hidden = !model.demo;
   set("runtime-name", runtime.runtime);

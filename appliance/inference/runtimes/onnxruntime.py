@@ -92,8 +92,10 @@ class OnnxRuntime:
         return self._session.run(None, {self._input: batch})[0]
 
     def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
         device = self._active[0].removesuffix("ExecutionProvider") if self._active else ""
-        return {"runtime": self.name, "device": device, "providers": list(self._active)}
+        return {"runtime": self.name, "version": ort.__version__, "device": device, "providers": list(self._active)}
 
     def close(self) -> None:
         self._session = None

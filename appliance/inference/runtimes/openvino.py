@@ -82,6 +82,7 @@ class OpenVinoRuntime:
     def describe(self) -> dict[str, Any]:
         return {
             "runtime": self.name,
+            "version": import_openvino().get_version(),
             "device": ",".join(self._devices) or self.config.device,
             "performance_hint": self.config.performance_hint,
             "inference_precision": self.config.inference_precision,
