@@ -26,9 +26,9 @@ from aiohttp import web
 from .api import clinic, guards, kserve, monitoring, openapi, ops
 from .config import Config, ModelConfig, load_config, wanted_path
 from .errors import ApplianceError, PayloadTooLarge, StoreUnavailable
-from .inference.lifecycle import ModelLifecycle, ReloadOutcome
+from .inference.lifecycle import FALLBACK, ModelLifecycle, ReloadOutcome
 from .inference.model import LoadedModel, load_model, resolve_model_dir
-from .inference.proof import Proof, prove
+from .inference.proof import ParityWatch, Proof, prove
 from .inference.runtimes import create_runtime
 from .inference.scheduler import Scheduler
 from .keys import (
@@ -47,6 +47,7 @@ from .keys import (
     STORE,
     SYNC,
     TRIMMER,
+    WATCH,
     Executors,
     State,
 )
@@ -184,13 +185,14 @@ class _ModelSettings:
         if self.model.url:
             mark_verified(self.model.url, self.model.cache_dir, directory)
 
-    def load(self, directory: Path) -> LoadedModel:
-        """Load, verify, warm up and self-check one version directory (blocking)."""
+    def load(self, directory: Path, reference: bool = False) -> LoadedModel:
+        """Load, verify, warm up and self-check one version directory (blocking); `reference`: on its reference
+        path (the live parity watch's fallback)."""
         return load_model(directory, wanted_path(dataclasses.replace(self.config, model=self.model)),
                           self.config.runtime.selected, max_batch=self.config.inference.max_batch,
                           trusted_keys=self.model.trusted_keys,
                           measure_in=self.machine_dir() if self.model.measure_paths else None,
-                          prove_in=self.machine_dir() if self.model.prove_paths else None)
+                          prove_in=self.machine_dir() if self.model.prove_paths else None, reference=reference)
 
     def prove(self, model: LoadedModel, cancelled: Callable[[], bool]) -> Proof:
         """Run `model`'s pending proof on this machine and cache it (blocking, about a minute)."""
@@ -206,6 +208,7 @@ class _ModelSettings:
 
 
 MODEL_SETTINGS = web.AppKey("model_settings", _ModelSettings)
+WATCH_QUEUE = 4  # sampled photos waiting for the live parity watch; more are dropped (memory stays bounded)
 
 
 async def _model(app: web.Application) -> AsyncIterator[None]:
@@ -227,18 +230,32 @@ async def _model(app: web.Application) -> AsyncIterator[None]:
     )
     scheduler.start()
     lifecycle = ModelLifecycle(model, scheduler, pick=settings.pick, load=settings.load, close_executor=inference,
-                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit, prove=settings.prove)
+                               on_swap=lambda new: _serve_model(app, new), commit=settings.commit, prove=settings.prove,
+                               load_reference=lambda directory: settings.load(directory, reference=True))
     lifecycle.listeners.append(lambda outcome: _count_reload(app, outcome))
+    watcher = ThreadPoolExecutor(1, thread_name_prefix="parity-watch")
+    runtime = config.runtime
+    watch = ParityWatch(every=config.model.watch_every, window=config.model.watch_window, queue_size=WATCH_QUEUE,
+                        idle=lambda: scheduler.idle, create=lambda: create_runtime(runtime.backend, runtime.selected),
+                        executor=watcher, fall_back=lambda reason: lifecycle.reload(FALLBACK))
+    watch.swapped(model)
     app[MODELS] = lifecycle
     app[SCHEDULER] = scheduler
+    app[WATCH] = watch
     lifecycle.prove_soon()
+    watching = loop.create_task(watch.run(), name="parity-watch")
     yield
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
     await scheduler.stop()
     await lifecycle.close()
+    await loop.run_in_executor(watcher, watch.close)
+    await asyncio.to_thread(watcher.shutdown, wait=True)
 
 
 def _serve_model(app: web.Application, model: LoadedModel) -> None:
     """After a swap: new requests classify on `model` (those running keep the classifier they started with)."""
+    app[WATCH].swapped(model, fallback=model.on_reference)
     if CLINIC not in app:  # swapped before the clinic service started (a quick proof): it starts on `model`
         return
     clinic = app[CLINIC]
@@ -266,6 +283,7 @@ async def _clinic(app: web.Application) -> AsyncIterator[None]:
         store_executor=executors.store,
         strip_metadata=config.privacy.strip_metadata_on_store,
         observe=app[METRICS].observe_stage,
+        watch=app[WATCH],
     )
     app[STATE].ready = True
     yield

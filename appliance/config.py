@@ -62,6 +62,9 @@ class ModelConfig:
     measure_paths: bool = False
     # Prove each path on this machine with the version's verification set before a fast one serves (inference/proof.py).
     prove_paths: bool = True
+    # The live parity watch (inference/proof.py): re-run 1 in watch_every answered photos on the reference path.
+    watch_every: int = setting(50, Check("0 (off) or a positive number of answers", at_least=0))
+    watch_window: int = setting(100, Check("a positive number of sampled photos", at_least=1))
 
     def __post_init__(self) -> None:
         if self.pin_version and not self.pin_version.isdigit():

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import Config
 from .inference.lifecycle import ModelLifecycle
+from .inference.proof import ParityWatch
 from .inference.scheduler import Scheduler
 from .ops.memory import IdleTrimmer
 from .ops.metrics import Metrics
@@ -46,6 +47,7 @@ STORE = web.AppKey("store", Store)
 # The served model (`.current`) and the one way to swap it (`.reload`); a swap replaces CLINIC.classifier too.
 MODELS = web.AppKey("models", ModelLifecycle)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+WATCH = web.AppKey("watch", ParityWatch)  # the live parity watch (inference/proof.py)
 CLINIC = web.AppKey("clinic", Clinic)
 
 # Hardening and monitoring (appliance/security/, appliance/ops/metrics.py).

@@ -25,6 +25,7 @@ from .config import ImagingConfig
 from .contract import CASE_FIELDS, IMAGE_FORMATS, REJECT_FIELDS, is_case_id, sanitize_user_id, validate_fields
 from .errors import ApplianceError, BadRequest, NotFound, UnprocessableEntity
 from .inference.model import LoadedModel
+from .inference.proof import ParityWatch
 from .inference.scheduler import Scheduler
 from .storage import Store, StoredImage
 
@@ -177,6 +178,7 @@ class Clinic:
         store_executor: Executor,
         strip_metadata: bool = True,
         observe: Callable[[str, float], None] | None = None,
+        watch: ParityWatch | None = None,
     ) -> None:
         self.classifier = classifier
         self.store = store
@@ -185,6 +187,7 @@ class Clinic:
         self.strip_metadata = strip_metadata  # privacy.strip_metadata_on_store
         # Metrics hook: (stage, seconds) for storage (the classifier times decode and inference).
         self.observe = observe or _unobserved
+        self.watch = watch  # offered every answered photo (inference/proof.py's live parity watch)
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
@@ -194,6 +197,7 @@ class Clinic:
         if case_id is not None and not is_case_id(case_id):
             raise BadRequest("Invalid case_id")
         image_format = imaging.sniff(data)
+        original = data  # what was classified, for the live parity watch (stripping may change the bytes)
         # One classifier for the whole request: a model swap meanwhile must not mix versions in one answer.
         classifier = self.classifier
         decoded, inference = await classifier.start(data, blur_full_resolution=self.imaging.blur_full_resolution)
@@ -206,7 +210,10 @@ class Clinic:
             except BaseException:
                 inference.cancel()
                 raise
-        predictions = classifier.rank(await inference)
+        probabilities = await inference
+        predictions = classifier.rank(probabilities)
+        if self.watch is not None:
+            self.watch.offer(classifier.model, original, probabilities)
         case_id = await self._case_id_for(caller, case_id)
         checked = CheckedImage(
             image_id=str(uuid.uuid4()),

@@ -10,6 +10,7 @@ on another CPU's kernels is tests/test_proof_demo.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from appliance.inference.lifecycle import PROVEN
 from appliance.inference.model import read_manifest
 from appliance.inference.proof import ISA_CAP_VARIABLE, find_proof, fingerprint, proof_file
 from appliance.inference.runtimes import create_runtime
+from appliance.keys import MODELS
 from appliance.security.auth import ApiKeys
 
 from .conftest import encode, photo, reference_probabilities, rewrite_manifest
@@ -187,3 +189,67 @@ def test_a_bad_verification_set_is_refused_by_name(proven_copy: Path, change: An
     with pytest.raises(ModelError) as refused:
         read_manifest(proven_copy)
     assert refused.value.detail == f"{proven_copy / 'model.json'}: {message}"
+
+
+# -- the live parity watch ------------------------------------------------------------------------
+
+
+async def test_the_live_watch_falls_back_to_the_reference_path_when_the_served_path_disagrees(
+        aiohttp_client: Any, proven_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Served by convert's figures (no proof): the fast decode, which on these 1400 px photos moves a
+    # probability by up to 1e-4 from the reference path (the exact decode), over the bar's 1e-5.
+    config = config_for(proven_copy, tmp_path, prove_paths=False, watch_every=2, watch_window=3)
+    client = await aiohttp_client(create_app(config, api_keys=ApiKeys.of({})))
+    info = await (await client.get("/v1/info")).json()
+    assert info["served_path"]["key"] == "openvino-fp32/fast"
+    assert info["served_path"]["watch"] == {
+        "state": "watching", "every": 2, "window": 3, "reference": "openvino-fp32/exact", "samples": 0,
+        "in_window": 0, "top1_agreement": None, "max_abs_dp": None, "dropped": 0, "fell_back": None}
+    served = []
+    with caplog.at_level(logging.WARNING, logger="appliance.inference.proof"):
+        for seed in range(40):
+            served.append((await check_image(client, seed=20 + seed % 6))["model"]["served_path"])
+            watch = (await (await client.get("/v1/info")).json())["served_path"]["watch"]
+            if watch["state"] == "fell back" and served[-1] == "openvino-fp32/exact":
+                break
+            await asyncio.sleep(0.2)  # an idle moment for the watch
+    info = await (await client.get("/v1/info")).json()
+    watch = info["served_path"]["watch"]
+    assert watch["state"] == "fell back" and watch["samples"] >= 3
+    assert watch["fell_back"].startswith("openvino-fp32/fast agreed with the reference path openvino-fp32/exact on "
+                                         "100.0% of the last 3 sampled photos, max |dp| ")
+    assert watch["fell_back"].endswith(" (bar: top-1 >= 99%, max |dp| <= 1e-05)")
+    assert info["served_path"]["key"] == "openvino-fp32/exact"
+    assert info["served_path"]["why"].startswith("the reference path, after the live parity watch fell back")
+    assert info["model"]["last_reload"]["trigger"] == "live parity watch"
+    assert served[0] == "openvino-fp32/fast" and served[-1] == "openvino-fp32/exact"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("live parity watch:")]
+    assert lines == [f"live parity watch: {watch['fell_back']}: falling back to openvino-fp32/exact until a reload"]
+    metrics = await (await client.get("/metrics")).text()
+    assert "appliance_parity_fell_back 1.0" in metrics
+    assert f"appliance_parity_samples_total {float(watch['samples'])}" in metrics
+
+    # An operator's reload of the same version ends the fallback.
+    outcome = await client.app[MODELS].reload("SIGHUP")
+    assert outcome.result == "ok"
+    info = await (await client.get("/v1/info")).json()
+    assert info["served_path"]["key"] == "openvino-fp32/fast" and info["served_path"]["watch"]["state"] == "watching"
+    assert info["served_path"]["watch"]["in_window"] == 0
+
+
+async def test_the_watch_has_nothing_to_do_on_the_reference_path_and_can_be_off(
+        aiohttp_client: Any, proven_copy: Path, tmp_path: Path) -> None:
+    config = config_for(proven_copy, tmp_path, prove_paths=False, watch_every=1, watch_window=1)
+    client = await aiohttp_client(create_app(
+        dataclasses.replace(config, imaging=dataclasses.replace(config.imaging, decode="exact")),
+        api_keys=ApiKeys.of({})))
+    await check_image(client, seed=5)
+    watch = (await (await client.get("/v1/info")).json())["served_path"]["watch"]
+    assert watch["state"] == "reference" and watch["samples"] == 0
+    await client.close()
+    client = await aiohttp_client(create_app(config_for(proven_copy, tmp_path, prove_paths=False, watch_every=0),
+                                             api_keys=ApiKeys.of({})))
+    await check_image(client, seed=5)
+    watch = (await (await client.get("/v1/info")).json())["served_path"]["watch"]
+    assert watch["state"] == "off" and watch["samples"] == 0
+    assert "appliance_parity_top1_agreement" not in await (await client.get("/metrics")).text()

@@ -17,7 +17,7 @@ from aiohttp import web
 from .. import __version__
 from ..errors import StoreUnavailable
 from ..inference.model import LoadedModel
-from ..keys import ANSWERED_BY, CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC
+from ..keys import ANSWERED_BY, CONFIG, EXECUTORS, MODELS, SCHEDULER, STATE, STORE, SYNC, WATCH
 from ..sync.status import disabled_status
 from .policy import Policy, route_policy
 
@@ -68,7 +68,7 @@ def running_facts(app: web.Application) -> dict[str, Any]:
         lifecycle = app[MODELS]
         model = lifecycle.current
         facts.update(model={**model.describe(), **lifecycle.describe()}, runtime=model.runtime.describe(),
-                     served_path=served_path(model))
+                     served_path={**served_path(model), "watch": app[WATCH].describe(model)})
     if SCHEDULER in app:
         scheduler = app[SCHEDULER]
         facts["inference"] = {"max_batch": config.inference.max_batch, "queue_size": config.inference.queue_size,

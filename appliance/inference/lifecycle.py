@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 Result = Literal["ok", "refused", "unchanged"]
 POLL = "poll"  # the trigger name of model.poll_interval_s's reloads
 PROVEN = "proven on this CPU"  # the trigger name of the reload that follows a version's proof (inference/proof.py)
+FALLBACK = "live parity watch"  # the trigger name of the reload onto the reference path (proof.ParityWatch)
+SAME_VERSION = (PROVEN, FALLBACK)  # triggers that load the version serving again
 CLOSE_WAIT_S = 10.0  # at shutdown, how long a swapped-out version may take to close
 
 
@@ -66,7 +68,8 @@ class ModelLifecycle:
                  load: Callable[[Path], LoadedModel], close_executor: Executor,
                  on_swap: Callable[[LoadedModel], None] = lambda model: None,
                  commit: Callable[[Path], None] = lambda directory: None,
-                 prove: Callable[[LoadedModel, Callable[[], bool]], Proof] | None = None) -> None:
+                 prove: Callable[[LoadedModel, Callable[[], bool]], Proof] | None = None,
+                 load_reference: Callable[[Path], LoadedModel] | None = None) -> None:
         self.current = model
         self.scheduler = scheduler
         self._pick = pick  # blocking: re-read the settings, fetch if needed, name the version directory
@@ -75,6 +78,7 @@ class ModelLifecycle:
         self._on_swap = on_swap
         self._commit = commit  # blocking: a version that passed becomes the one a restart loads (model.url's cache)
         self._prove = prove  # blocking: run a pending proof on this machine and cache it
+        self._load_reference = load_reference or load  # blocking: load a version on its reference path (FALLBACK)
         self._proving: asyncio.Task[None] | None = None
         self._proven: set[Path] = set()  # proven in this process: an uncacheable proof is not run in a loop
         self._stopping = False
@@ -168,21 +172,23 @@ class ModelLifecycle:
             # Two models in memory at most: a version swapped out must be closed before another one loads.
             await asyncio.gather(*self._retiring, return_exceptions=True)
         try:
-            directory = self.version_dir.resolve() if trigger == PROVEN else (await asyncio.to_thread(self._pick)).resolve()
+            directory = (self.version_dir.resolve() if trigger in SAME_VERSION
+                         else (await asyncio.to_thread(self._pick)).resolve())
         except ApplianceError as exc:
             return outcome("", "refused", exc.detail)
         except Exception as exc:  # an unreadable directory, a bucket client's own error: nothing to load
             log.exception("picking the version to serve failed")
             return outcome("", "refused", f"{type(exc).__name__}: {exc}")
         self.available = _version_of(directory) or self.available
-        if directory == self.version_dir.resolve() and trigger != PROVEN:
+        # An operator's reload of the version serving ends a fallback onto its reference path; nothing else.
+        if directory == self.version_dir.resolve() and trigger not in SAME_VERSION and not self.current.on_reference:
             return outcome(self.current.manifest.version, "unchanged", f"already serving {directory}")
         if trigger == POLL and directory in self._refused:
             return outcome(self.available, "unchanged", f"{directory} was refused before; not loaded again")
         started = time.monotonic()
         try:
             # Not on the inference thread: serving goes on while the new version loads and checks itself.
-            model = await asyncio.to_thread(self._load, directory)
+            model = await asyncio.to_thread(self._load_reference if trigger == FALLBACK else self._load, directory)
         except ApplianceError as exc:
             self._refused.add(directory)
             return outcome(self.available, "refused", f"{exc.detail}; still serving v{self.current.manifest.version}")

@@ -24,7 +24,7 @@ from ..errors import ModelError
 # Manifest is re-exported: the API layer names the served model's manifest from here.
 from ..modeldir import MANIFEST, Artifact, Manifest as Manifest, ServedPath, verify_files
 from .paths import Choice, Wanted, choose_path, legacy_paths
-from .proof import Proof, find_proof, fingerprint
+from .proof import Proof, find_proof, fingerprint, reference_path
 from .runtimes import RUNTIMES, Runtime, create_runtime, runtime_class
 from .timing import measured_choice, timings_file
 
@@ -46,6 +46,7 @@ class LoadedModel:
     choice: Choice
     selfcheck_max_abs_dp: float = 0.0
     proof: Proof = Proof("off", "not asked")  # this machine's proof of the served paths (inference/proof.py)
+    on_reference: bool = False  # loaded on the reference path by the live parity watch's fallback
 
     @property
     def served(self) -> ServedPath:
@@ -151,17 +152,24 @@ def choose(manifest: Manifest, wanted: Wanted, formats: tuple[str, ...],
 
 def load_model(
     path: Path, wanted: Wanted, runtime_config: Any, *, max_batch: int, trusted_keys: tuple[Path, ...] = (),
-    pin_version: str = "", measure_in: Path | None = None, prove_in: Path | None = None,
+    pin_version: str = "", measure_in: Path | None = None, prove_in: Path | None = None, reference: bool = False,
 ) -> LoadedModel:
     """Resolve (`pin_version` or the highest), verify (signature by one of `trusted_keys` when given), choose the
     served path (among those proven on this machine, the proof cached in `prove_in`, when given; by timing them on
     this machine, cached in `measure_in`, when given), load, warm up and self-check; raise ModelError on any failure.
 
     A version not yet proven here is served on an FP32 path, its proof pending (`LoadedModel.proof`): the
-    lifecycle proves it and loads it again.
+    lifecycle proves it and loads it again. With `reference`, the reference path is served (FP32 decoded whole,
+    proof.reference_path): the live parity watch's fallback.
     """
     directory = resolve_model_dir(path, pin_version)
     manifest = read_manifest(directory, trusted_keys)
+    if reference:
+        ref = reference_path(manifest, wanted.runtime)
+        if ref is None:
+            raise ModelError(f"{directory}: no FP32 path decoded whole passed on {wanted.runtime}: no reference path "
+                             f"to fall back to")
+        wanted = dataclasses.replace(wanted, artifact=ref.artifact, decode="exact")
     runtime = create_runtime(wanted.runtime, runtime_config)
     formats = type(runtime).formats
     # Every path these settings allow that passed at convert: what a proof runs, and what `auto` picks among.
@@ -184,7 +192,10 @@ def load_model(
     artifact = manifest.artifacts[choice.path.artifact]
     verify_files(directory, artifact.files, f"artifact {artifact.key}")
     runtime.load(directory / artifact.file)
-    model = LoadedModel(manifest, artifact, runtime, choice, proof=proof)
+    if reference:
+        choice = dataclasses.replace(choice, reason=f"the reference path, after the live parity watch fell back "
+                                                    f"({choice.reason})")
+    model = LoadedModel(manifest, artifact, runtime, choice, proof=proof, on_reference=reference)
     try:
         warm_up(model, max_batch)
         model.selfcheck_max_abs_dp = self_check(model, max_batch)

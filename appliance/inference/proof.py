@@ -17,6 +17,8 @@ read it, and a path that failed here is never served in `auto`.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -33,7 +35,7 @@ import numpy as np
 from .. import imaging
 from ..errors import ModelError
 from ..modeldir import MANIFEST, GoldenImage, Manifest, ServedPath, verify_files
-from .runtimes import Runtime
+from .runtimes import Runtime, runtime_class
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ ISA_CAP_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 BATCH = 8  # verification photos per inference: as convert runs them
 
 State = Literal["off", "no set", "pending", "proven"]
+IDLE_POLL_S = 0.05  # how often the watch looks for an idle moment
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -287,3 +290,152 @@ def _write(file: Path, document: Mapping[str, Any]) -> None:
         temporary.replace(file)
     except OSError as exc:  # serving does not depend on the cache: the next start proves again
         log.warning("cannot cache the proof in %s: %s", file, exc)
+
+
+# -- the live parity watch -------------------------------------------------------------------------
+
+WatchState = Literal["off", "watching", "reference", "fell back"]
+
+
+def reference_path(manifest: Manifest, runtime: str) -> ServedPath | None:
+    """The path the watch compares with: an FP32 artifact decoded whole at f32 on `runtime`, that passed; of the
+    runtime's own format first (OpenVINO's IR before an ONNX file), then the fastest."""
+    formats = runtime_class(runtime).formats
+    exact = [p for p in manifest.served_paths if p.runtime == runtime and p.decode == "exact" and p.passed
+             and p.inference_precision == "f32" and manifest.artifacts[p.artifact].precision == "fp32"
+             and manifest.artifacts[p.artifact].format in formats]
+    return min(exact, key=lambda p: (formats.index(manifest.artifacts[p.artifact].format), p.ms_per_image is None,
+                                     p.ms_per_image or 0.0, p.key), default=None)
+
+
+@dataclass
+class _Sample:
+    model: Any  # the LoadedModel that answered (inference/model.py imports this module)
+    data: bytes
+    served: np.ndarray  # the probabilities the caller got
+
+
+class ParityWatch:
+    """Re-run 1 in `every` answered photos on the reference path in idle time, and keep a rolling agreement.
+
+    Serving never waits for it: a sample is dropped when the bounded queue is full, a sample
+    runs only when the scheduler has nothing to do, on a thread of its own, and nothing
+    is written anywhere. Once the last `window` samples miss the bar (top-1 agreement and max
+    |dp| over the window; per class is left to the proof, windows are too small), it logs
+    once and asks the lifecycle to serve the reference path until the next reload.
+    """
+
+    def __init__(self, *, every: int, window: int, queue_size: int, idle: Callable[[], bool],
+                 create: Callable[[], Runtime], executor: Any, fall_back: Callable[[str], Any]) -> None:
+        self.every = every
+        self.window = window
+        self._idle = idle  # the scheduler has nothing queued, announced or running
+        self._create = create  # a runtime for the reference path
+        self._executor = executor  # one thread of its own
+        self._fall_back = fall_back  # async: serve the reference path (the lifecycle's FALLBACK reload)
+        self._queue: asyncio.Queue[_Sample] = asyncio.Queue(queue_size)
+        self._answers = 0
+        self._results: collections.deque[tuple[bool, float]] = collections.deque(maxlen=window)
+        self._reference: tuple[Path, Runtime] | None = None  # (version directory, its loaded reference runtime)
+        self.samples = 0  # compared, since start
+        self.dropped = 0  # sampled but the queue was full
+        self.fell_back = ""  # why, once it fell back (until the next version or reload)
+        self._model: Any = None
+
+    def offer(self, model: Any, data: bytes, served: np.ndarray) -> None:
+        """Called with every answered photo (on the event loop; never blocks); queues 1 in `every`."""
+        if self.every <= 0 or self.state(model) != "watching":
+            return
+        self._answers += 1
+        if self._answers % self.every:
+            return
+        try:
+            self._queue.put_nowait(_Sample(model, data, served))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def state(self, model: Any) -> WatchState:
+        """What the watch does for `model`: off, watching, nothing to do (it serves the reference), or fell back."""
+        if self.every <= 0:
+            return "off"
+        if self.fell_back:
+            return "fell back"
+        ref = reference_path(model.manifest, model.served.runtime)
+        return "reference" if ref is None or ref.key == model.served.key else "watching"
+
+    def swapped(self, model: Any, *, fallback: bool = False) -> None:
+        """A model serves now (any reload): a new window; any reload but the fallback itself ends the fallback."""
+        if not fallback:
+            self.fell_back = ""
+        self._model = model
+        self._results.clear()
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        """`served_path.watch` in /v1/info and the status page."""
+        ref = reference_path(model.manifest, model.served.runtime)
+        agreement = (sum(a for a, _ in self._results) / len(self._results)) if self._results else None
+        return {"state": self.state(model), "every": self.every, "window": self.window,
+                "reference": None if ref is None else ref.key, "samples": self.samples,
+                "in_window": len(self._results), "top1_agreement": agreement,
+                "max_abs_dp": max((dp for _, dp in self._results), default=None), "dropped": self.dropped,
+                "fell_back": self.fell_back or None}
+
+    async def run(self) -> None:
+        """Take samples until cancelled; each waits for an idle moment."""
+        loop = asyncio.get_running_loop()
+        while True:
+            sample = await self._queue.get()
+            if sample.model is not self._model or self.state(sample.model) != "watching":
+                continue  # answered by a version no longer served
+            while not self._idle():
+                await asyncio.sleep(IDLE_POLL_S)
+            try:
+                reference = await loop.run_in_executor(self._executor, self._reference_answer, sample)
+            except Exception as exc:  # a runtime's own error: the watch says so, serving goes on
+                log.error("live parity watch: the reference path failed (%s: %s); sample skipped",
+                          type(exc).__name__, exc)
+                continue
+            if sample.model is not self._model:
+                continue
+            self._record(sample, reference)
+
+    def _record(self, sample: _Sample, reference: np.ndarray) -> None:
+        served = sample.served.astype(np.float64)
+        self._results.append((int(served.argmax()) == int(reference.argmax()),
+                              float(np.abs(served - reference).max())))
+        self.samples += 1
+        if len(self._results) < self.window or self.fell_back:
+            return
+        bar = Bar.from_json(sample.model.manifest.verification.get("bar", {}))
+        agreement = sum(a for a, _ in self._results) / len(self._results)
+        worst = max(dp for _, dp in self._results)
+        if agreement >= bar.min_agreement and worst <= bar.max_abs_dp:
+            return
+        ref = reference_path(sample.model.manifest, sample.model.served.runtime)
+        assert ref is not None
+        self.fell_back = (f"{sample.model.served.key} agreed with the reference path {ref.key} on {agreement:.1%} of "
+                          f"the last {len(self._results)} sampled photos, max |dp| {worst:.3g} (bar: top-1 >= "
+                          f"{bar.min_agreement:.0%}, max |dp| <= {bar.max_abs_dp:g})")
+        log.warning("live parity watch: %s: falling back to %s until a reload", self.fell_back, ref.key)
+        asyncio.get_running_loop().create_task(self._fall_back(self.fell_back), name="parity-fallback")
+
+    def _reference_answer(self, sample: _Sample) -> np.ndarray:
+        """The reference path's probabilities for the sample (blocking; the watch's own thread)."""
+        manifest = sample.model.manifest
+        ref = reference_path(manifest, sample.model.served.runtime)
+        assert ref is not None
+        if self._reference is None or self._reference[0] != manifest.directory:
+            self.close()
+            artifact = manifest.artifacts[ref.artifact]
+            verify_files(manifest.directory, artifact.files, f"artifact {artifact.key}")
+            runtime = self._create()
+            runtime.load(manifest.directory / artifact.file)
+            self._reference = (manifest.directory, runtime)
+        tensor = imaging.decode(sample.data, manifest.preprocessing, max_pixels=1 << 40, mode="exact").tensor
+        return self._reference[1].infer(tensor[np.newaxis])[0].astype(np.float64)
+
+    def close(self) -> None:
+        """Release the reference runtime (blocking)."""
+        if self._reference is not None:
+            self._reference[1].close()
+            self._reference = None

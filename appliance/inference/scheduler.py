@@ -134,6 +134,11 @@ class Scheduler:
         """The model's output row for one preprocessed image."""
         return await self.submit(tensor)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing announced, queued or running: a moment the live parity watch may use."""
+        return self._incoming == 0 and not any(self._pending_on.values())
+
     def busy_with(self, runtime: Runtime) -> bool:
         """Whether a request still needs `runtime`: announced, queued, or in the batch running now."""
         return self._incoming_on[id(runtime)] > 0 or self._pending_on[id(runtime)] > 0

@@ -128,6 +128,19 @@ class _FactsCollector(Collector):
                          inference["queue_size"])
             yield _counter("appliance_inference_batches", "Runtime calls made.", inference["batches"])
             yield _counter("appliance_inference_images", "Images classified.", inference["images"])
+        watch = (facts.get("served_path") or {}).get("watch")
+        if watch:
+            yield _counter("appliance_parity_samples", "Answered photos the live parity watch re-ran on the reference "
+                           "path.", watch["samples"])
+            yield _counter("appliance_parity_dropped", "Photos sampled for the watch but dropped (its queue was full).",
+                           watch["dropped"])
+            yield _gauge("appliance_parity_fell_back", "1 once the watch fell back to the reference path (until a "
+                         "reload).", 1.0 if watch["fell_back"] else 0.0)
+            if watch["top1_agreement"] is not None:
+                yield _gauge("appliance_parity_top1_agreement", "Top-1 agreement with the reference path over the "
+                             "watch's window.", watch["top1_agreement"])
+                yield _gauge("appliance_parity_max_abs_dp", "Largest probability difference from the reference path "
+                             "over the watch's window.", watch["max_abs_dp"])
         yield _gauge("appliance_bodies_in_progress", "Requests holding a body (limits.max_concurrent_bodies).",
                      facts.get("bodies_in_progress", 0))
         if "memory_trims" in facts:

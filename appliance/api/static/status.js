@@ -36,6 +36,17 @@ function proofText(proof) {
   return proof.state + ": " + proof.reason + (paths.length ? ". " + paths.join(". ") : "");
 }
 
+// The live parity watch: its state, and the agreement with the reference path over its window.
+function watchText(watch) {
+  if (!watch) return null;
+  if (watch.state === "off") return "off";
+  if (watch.state === "reference") return "nothing to watch: the reference path serves";
+  const window = watch.in_window ? (watch.top1_agreement * 100).toFixed(1) + "% top-1, max |dp| " +
+      watch.max_abs_dp.toPrecision(3) + " over " + watch.in_window + " of " + watch.window : "no sample yet";
+  const fell = watch.fell_back ? "FELL BACK to " + watch.reference + ": " + watch.fell_back + ". " : "";
+  return fell + window + " (1 in " + watch.every + " photos against " + watch.reference + ")";
+}
+
 function render(status) {
   const model = status.model || {};
   const runtime = status.runtime || {};
@@ -53,6 +64,7 @@ function render(status) {
   set("served-path", served.key);
   set("served-why", served.why);
   set("served-proof", proofText(served.proof));
+  set("served-watch", watchText(served.watch));
   set("model-demo", model.demo ? "yes: not medical predictions" : "no");
   $("demo-banner").hidden = !model.demo;
   set("runtime-name", runtime.runtime);
