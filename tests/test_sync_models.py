@@ -62,6 +62,24 @@ async def test_a_model_in_a_bucket_is_fetched_verified_and_served(
     assert (verified["version"], verified["url"]) == (1, bucket.url(MODEL_KEY))
 
 
+async def test_a_version_from_a_bucket_arrives_with_its_verification_set_and_is_proven_here(
+        aiohttp_client: Any, make_config: Callable[..., Config], s3: Server, tmp_path: Path,
+        model_copy: Path) -> None:
+    from .test_proof import wait_for, with_verification_set
+
+    with_verification_set(model_copy, {"top1_agreement": 0.99, "max_abs_dp": 0.05})
+    bucket = Bucket(s3, "models-proven", tmp_path)
+    bucket.create()
+    publish(bucket, model_copy)
+    bucket.put(f"{MODEL_KEY}/1/verification/0003.jpeg.unlisted", b"not in the manifest: not fetched")
+    client = await aiohttp_client(create_app(model_config(make_config, bucket, tmp_path)))
+    (copy,) = [p for p in (tmp_path / "cache").glob("*/1-*")]
+    assert tree_hashes(copy) == tree_hashes(model_copy)
+    info = await wait_for(client, "proven")
+    assert all(p["passed_here"] for p in info["served_path"]["proof"]["paths"].values())
+    assert Path(info["served_path"]["proof"]["file"]).parent == tmp_path / "cache"
+
+
 def test_a_format_2_model_arrives_with_its_manifest_digest(make_config: Callable[..., Config], s3: Server,
                                                           tmp_path: Path, model_copy: Path) -> None:
     from .test_model import TIMES, to_format_2
