@@ -170,3 +170,22 @@ async def test_status_page_asks_for_the_key(aiohttp_server: Any, make_config: An
     # The only complaint is the browser noting the first, keyless fetch's 401.
     assert [(p["kind"], p.get("level"), p.get("url", "").endswith("/v1/status")) for p in page.problems] == [
         ("log", "error", True)]
+
+
+async def test_status_page_names_both_figures_of_each_path_and_the_watch(
+        aiohttp_server: Any, make_config: Any, page: Page, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from .test_proof import with_verification_set
+
+    version = Path(shutil.copytree(tiny_model_dir, tmp_path / "model" / "1"))
+    with_verification_set(version)  # a bar of 1e-5 that the fast decode misses on these photos
+    server = await aiohttp_server(create_app(make_config(model__path=str(version), model__cache_dir=str(tmp_path / "m")),
+                                             api_keys=ApiKeys()))
+    await page.send("Page.navigate", url=f"http://127.0.0.1:{server.port}/")
+    await page.wait_for(f"{TEXT.format('served-path')}", "openvino-fp32/exact", timeout_s=60)
+    proof = await page.evaluate(TEXT.format("served-proof"))
+    assert proof.startswith("proven: proven on this machine at ")
+    assert ". openvino-fp32/fast: FAILS here (top-1 100.00%, max |dp| " in proof
+    assert ". openvino-fp32/exact: passes here (top-1 100.00%, max |dp| " in proof
+    assert proof.count("; converting machine: passed") == 4
+    assert await page.evaluate(TEXT.format("served-watch")) == "nothing to watch: the reference path serves"
+    assert page.problems == []
