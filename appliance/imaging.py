@@ -409,7 +409,12 @@ def _preprocess(rgb: Image.Image, box: tuple, full_size: tuple[int, int], spec: 
         sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
         crop_box = (x0 + left * sx, y0 + top * sy, x0 + (left + spec.crop) * sx, y0 + (top + spec.crop) * sy)
         crop = np.asarray(rgb.resize((spec.crop, spec.crop), Image.Resampling.BILINEAR, box=crop_box))
-    # float32 throughout, operation for operation as ToTensor and Normalize.
+    return normalize(crop, spec)
+
+
+def normalize(crop: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """An 8-bit RGB crop [H, W, 3] as the model's input [3, H, W]: ToTensor and Normalize, float32 throughout,
+    operation for operation."""
     scaled = crop.astype(np.float32) / np.float32(255)
     normalised = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)

@@ -44,6 +44,9 @@ STD = (0.229, 0.224, 0.225)
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 
+# What a version's verification set holds (model.json's verification.set_form): the photos as taken, or the
+# reference preprocessing's 8-bit crops (PNG) for a clinic that keeps its whole photos on the converting machine.
+VERIFICATION_FORMS = ("photos", "crops")
 # How the server decodes a photo for a served path: imaging's DCT-scaled "fast" decode or its whole "exact" one.
 DecodeMode = Literal["fast", "exact"]
 DECODE_MODES: tuple[DecodeMode, ...] = ("fast", "exact")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from appliance.modeldir import VERIFICATION_FORMS
+
 from .errors import ConvertError
 
 HAM10000_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -79,6 +81,11 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="a served path passes with at least this top-1 agreement with PyTorch, overall and in every class (default: 0.99)")
     p.add_argument("--max-dp", type=_fraction_or_one, default=0.05, metavar="D",
                    help="... and at most this largest probability difference |dp| on any verification photo (default: 0.05)")
+    p.add_argument("--verification-set", choices=VERIFICATION_FORMS, default="photos",
+                   help="what the version carries for each box to prove its served paths on its own CPU: the "
+                        "verification photos as taken (photos, the default: the box checks its decode too), or only "
+                        "the crops PyTorch saw, 224 px PNGs without EXIF (crops: no whole photo leaves this machine; "
+                        "the box checks the inference only)")
     p.add_argument("--max-calibration-images", type=int, default=400, metavar="N",
                    help="read at most N photos from --calibration-dir (default: 400)")
     p.add_argument("--calibration-methods", type=_methods, default=METHODS, metavar="LIST",
@@ -164,6 +171,7 @@ def _convert(args: argparse.Namespace) -> int:
         bar=Bar(args.min_agreement, args.max_dp),
         synthetic_images=args.synthetic_images,
         methods=args.calibration_methods,
+        verification_set=args.verification_set,
     )
     convert(model, out=args.out, name=args.name, version=args.version, calibration=calibration, options=options,
             sign_key=args.sign_key)

@@ -55,6 +55,9 @@ class ConvertOptions:
     synthetic_images: int = 32
     methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile")
     bar: Bar = field(default_factory=Bar)
+    # What the version carries for a box to prove its paths on: the verification photos as taken, or only
+    # the 224 px crops PyTorch saw (--verification-set crops: no whole photo, no EXIF leaves the clinic's machine).
+    verification_set: str = "photos"
 
 
 @dataclass

@@ -51,6 +51,15 @@ def jpeg_bytes(image: Image.Image, quality: int = 92) -> bytes:
     return out.getvalue()
 
 
+def reference_crop(source: Path | IO[bytes]) -> Image.Image:
+    """The 8-bit crop the reference preprocessing normalises (Resize and CenterCrop of the oriented photo)."""
+    from torchvision import transforms
+
+    with Image.open(source) as image:
+        oriented = ImageOps.exif_transpose(image).convert("RGB")
+    return transforms.Compose([transforms.Resize(RESIZE_SHORTER), transforms.CenterCrop(CROP)])(oriented)
+
+
 def reference_tensor(source: Path | IO[bytes]) -> np.ndarray:
     """Reference preprocessing of one encoded photo, EXIF orientation applied as the server applies it."""
     with Image.open(source) as image:

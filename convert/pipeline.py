@@ -11,6 +11,7 @@ served path and writes model.json.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ from . import golden as golden_mod
 from .build import BATCH, Build, ConvertOptions, Split, artifact_steps, say, shout
 from .checkpoint import LoadedModel
 from .errors import ConvertError
-from .images import ImageSet, jpeg_bytes
+from .images import ImageSet, jpeg_bytes, reference_crop
 from .served import (
     MIN_VERIFICATION_PHOTOS,
     Candidate,
@@ -226,6 +227,7 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
         served_paths=tuple(paths),
         verification_set=verification_set,
         verification={"photos": len(build.split.verification), "source": build.split.source,
+                      "set_form": options.verification_set,
                       "copies": sum(p.is_copy for p in build.photos), "min_photos": MIN_VERIFICATION_PHOTOS,
                       "bar": options.bar.to_json(), "warnings": warnings},
     )
@@ -239,21 +241,28 @@ def _finish(build: Build, name: str, version: int, source_extra: dict[str, Any])
 
 
 def _write_verification_set(directory: Path, build: Build) -> tuple[GoldenImage, ...]:
-    """The verification photos as taken (EXIF and all), with PyTorch's answers: what a box proves its paths on.
+    """The verification photos as taken (EXIF and all), or their reference crops, with PyTorch's answers: what a
+    box proves its paths on.
 
     Their copies at phone sizes stay out: they measured the decode, which does not change from one
     CPU to the next, and would weigh hundreds of MB.
     """
     directory.mkdir()
     entries = []
+    crops = build.options.verification_set == "crops"
     for index, photo in enumerate(build.split.verification):
-        file = directory / f"{index:04d}.{imaging.sniff(photo.data)}"
-        file.write_bytes(photo.data)
+        if crops:
+            file = directory / f"{index:04d}.png"
+            reference_crop(io.BytesIO(photo.data)).save(file, "PNG")
+        else:
+            file = directory / f"{index:04d}.{imaging.sniff(photo.data)}"
+            file.write_bytes(photo.data)
         # `build.photos` begins with the verification photos themselves, in this order; their copies follow.
         entries.append(GoldenImage(file.relative_to(directory.parent).as_posix(),
                                    tuple(float(x) for x in build.reference[index]), sha256_file(file)))
-    say(f"verification set: {len(entries)} photos, {sum(len(p.data) for p in build.split.verification) / 1e6:.1f} MB "
-        f"in {directory.name}/ (a box proves its served paths on them)")
+    size = sum(e.stat().st_size for e in directory.iterdir())
+    say(f"verification set: {len(entries)} {'crops' if crops else 'photos'}, {size / 1e6:.1f} MB in {directory.name}/ "
+        f"(a box proves its served paths on them)")
     return tuple(entries)
 
 

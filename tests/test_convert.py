@@ -8,6 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from appliance.modeldir import MEAN, STD
 from convert.__main__ import main
 from convert.checkpoint import load_checkpoint
 from convert.errors import ConvertError
@@ -238,7 +239,10 @@ def test_conversion_with_calibration_writes_verified_artifacts(tmp_path, capsys,
 def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
     model = make_resnet18(head="fc")
     path = write_checkpoint(tmp_path / "ckpt.pt", model, form)
-    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--trust-checkpoint", "--fp16")
+    # A clinic may keep its whole photos on this machine: the version then carries only the crops PyTorch saw.
+    set_form = "crops" if form == "module" else "photos"
+    code, out, err = run(capsys, path, "--name", "m", "--out", tmp_path / "models", *FAST, "--trust-checkpoint", "--fp16",
+                         "--verification-set", set_form)
     assert code == 0, err
     version = tmp_path / "models" / "m" / "1"
     manifest = load_manifest(version)
@@ -260,6 +264,34 @@ def test_conversion_of_torchscript_and_whole_module(tmp_path, capsys, form):
         assert got.shape == (len(golden), 3)
     with Image.open(version / golden[0]["file"]) as image:
         assert image.getexif().get(0x0112) is None
+    assert_a_box_proves_it_from_its_verification_set(version, model, set_form)
+
+
+def assert_a_box_proves_it_from_its_verification_set(version, model, set_form):
+    """The set holds PyTorch's answers for what it holds, and the appliance's proof runs on it and passes."""
+    from appliance.config import parse_config
+    from appliance.inference.model import read_manifest
+    from appliance.inference.proof import find_proof, fingerprint, prove
+    from appliance.inference.runtimes import create_runtime
+
+    manifest = read_manifest(version)
+    assert manifest.verification["set_form"] == set_form and len(manifest.verification_set) == 4
+    for entry in manifest.verification_set:
+        with Image.open(version / entry.file) as image:
+            assert (image.format, image.size) == (("PNG", (224, 224)) if set_form == "crops" else ("JPEG", image.size))
+            assert not image.getexif()
+        tensor = preprocess_file(version / entry.file) if set_form == "photos" else (
+            (np.asarray(Image.open(version / entry.file), np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+        ).transpose(2, 0, 1)
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(tensor, np.float32))[None]), 1)[0]
+        np.testing.assert_allclose(entry.probabilities, expected.numpy(), atol=1e-5)
+    runtime = parse_config({"runtime": {"backend": "openvino"}}).runtime.selected
+    paths = [p for p in manifest.served_paths if p.runtime == "openvino" and p.inference_precision == "f32"]
+    pending = find_proof(manifest, paths, fingerprint(create_runtime("openvino", runtime), runtime), version.parent)
+    proof = prove(manifest, pending, lambda: create_runtime("openvino", runtime))
+    assert sorted(proof.results) == sorted(p.key for p in paths)
+    assert all(r["passed"] and r["images"] == 4 for r in proof.results.values())
 
 
 # --- any clinic's photos: any count, sizes and formats; every calibration method --------

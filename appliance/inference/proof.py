@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from .. import imaging
 from ..errors import ModelError
@@ -271,11 +272,19 @@ def prove(manifest: Manifest, proof: Proof, create: Callable[[], Runtime], *, ma
 
 
 def _decode(manifest: Manifest, photo: GoldenImage, mode: imaging.DecodeMode) -> np.ndarray:
-    data = (manifest.directory / photo.file).read_bytes()
+    """A verification photo as `mode` decodes it; a crop (set_form "crops") as is, whatever the mode."""
+    path = manifest.directory / photo.file
+    spec = manifest.preprocessing
     try:
-        return imaging.decode(data, manifest.preprocessing, max_pixels=1 << 40, mode=mode).tensor
+        if manifest.verification.get("set_form") == "crops":
+            with Image.open(path) as image:
+                crop = np.asarray(image.convert("RGB"))
+            if crop.shape != (spec.crop, spec.crop, 3):
+                raise ValueError(f"{crop.shape[1]}x{crop.shape[0]}, not the {spec.crop}x{spec.crop} crop")
+            return imaging.normalize(crop, spec)
+        return imaging.decode(path.read_bytes(), spec, max_pixels=1 << 40, mode=mode).tensor
     except Exception as exc:
-        raise ModelError(f"{manifest.directory / photo.file}: cannot decode this verification photo ({exc})") from None
+        raise ModelError(f"{path}: cannot decode this verification photo ({exc})") from None
 
 
 def _now() -> str:
