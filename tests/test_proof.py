@@ -253,3 +253,17 @@ async def test_the_watch_has_nothing_to_do_on_the_reference_path_and_can_be_off(
     watch = (await (await client.get("/v1/info")).json())["served_path"]["watch"]
     assert watch["state"] == "off" and watch["samples"] == 0
     assert "appliance_parity_top1_agreement" not in await (await client.get("/metrics")).text()
+
+
+def test_a_damaged_proof_file_is_proven_again(proven_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = read_manifest(proven_copy)
+    config = config_for(proven_copy, tmp_path)
+    machine = fingerprint(create_runtime("openvino", config.runtime.selected), config.runtime.selected)
+    file = proof_file(tmp_path, manifest, machine)
+    file.write_text(json.dumps({"measured_at": "x", "photos": 6, "paths": {
+        p.key: {"passed": "yes", "per_class": {}} for p in manifest.served_paths}}))
+    with caplog.at_level(logging.WARNING, logger="appliance.inference.proof"):
+        proof = find_proof(manifest, list(manifest.served_paths), machine, tmp_path)
+    assert proof.state == "pending" and proof.file == file
+    assert [r.getMessage() for r in caplog.records if r.name == "appliance.inference.proof"] == [
+        f"cannot read the proof cached in {file} (TypeError: a path's result is not what prove() writes): proving again"]

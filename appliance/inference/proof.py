@@ -207,13 +207,17 @@ def find_proof(manifest: Manifest, candidates: list[ServedPath], machine: Mappin
     try:
         cached = json.loads(file.read_text(encoding="utf-8"))
         results = {str(k): dict(v) for k, v in cached["paths"].items()}
+        for result in results.values():  # what /v1/info and the choice read: a damaged file is proven again
+            if not (isinstance(result["passed"], bool) and isinstance(result["per_class"], dict)):
+                raise TypeError("a path's result is not what prove() writes")
+            summary(result)
         if all(p.key in results for p in candidates):
             return Proof("proven", f"proven on this machine at {cached['measured_at']} on "
                                    f"{cached['photos']} verification photos", machine, results, (), file)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("cannot read the proof cached in %s (%s): proving again", file, exc)
+        log.warning("cannot read the proof cached in %s (%s: %s): proving again", file, type(exc).__name__, exc)
     return Proof("pending", f"proving {len(candidates)} path(s) on this machine's "
                             f"{len(manifest.verification_set)} verification photos; FP32 serves until then",
                  machine, {}, tuple(candidates), file)
