@@ -2,8 +2,9 @@
 
 Start-up order (each a cleanup context, so aiohttp tears down in reverse and
 only what started): executors, model (fetched from model.url if set; load,
-warm up, self-check) with its scheduler and lifecycle (reloads:
-appliance/inference/lifecycle.py), store, sync worker (when enabled), then the
+warm up, self-check) with its scheduler, lifecycle (reloads:
+appliance/inference/lifecycle.py), proof on this CPU and live parity watch
+(appliance/inference/proof.py), store, sync worker (when enabled), then the
 clinic service and readiness. Shutdown, in the fixed order STYLE.md asks for:
 readiness drops, the listener closes and requests in progress drain
 (`server.shutdown_timeout_s`, appliance/process/serving.py), sync finishes its in-flight
