@@ -81,6 +81,9 @@ class Built:
     files: list[Path]
     parity: Parity
     details: dict[str, Any] = field(default_factory=dict)  # written to its model.json table as they are
+    # Its probabilities on the verification tensors: the served path with the exact decode is given those
+    # very tensors, so it reuses them instead of running the artifact again (served.measure_paths).
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -109,7 +112,7 @@ class Build:
         """Verify the artifact in `files` on the appliance's runtime for `fmt`, and keep it."""
         probs = infer_all(load_runtime(files[0], fmt).infer, self.verification, batch=BATCH, desc=f"verifying: {key}")
         parity = measure(self.reference, probs, self.options.labels, bar_for(precision))
-        self.artifacts.append(Built(key, fmt, precision, files, parity, details or {}))
+        self.artifacts.append(Built(key, fmt, precision, files, parity, details or {}, probs))
 
 
 Step = Callable[[Build], None]

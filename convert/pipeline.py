@@ -272,10 +272,11 @@ def _served_paths(build: Build, golden: golden_mod.Golden) -> list[ServedPath]:
 
     say("measuring served paths (artifact, decode mode, precision) as the server runs them")
     bf16 = cpu_has_bf16()
-    candidates = [Candidate(a.key, a.format, a.precision, a.files[0]) for a in build.artifacts]
+    candidates = [Candidate(a.key, a.format, a.precision, a.files[0], a.probabilities) for a in build.artifacts]
     paths = measure_paths(candidates, build.photos, build.reference,
                           ([f.read_bytes() for f in golden.files], golden.probabilities),
-                          Preprocessing(), build.options.labels, build.options.bar, bf16=bf16, say=say)
+                          Preprocessing(), build.options.labels, build.options.bar, bf16=bf16, say=say,
+                          reference_tensors=build.verification)
     if not bf16:
         build.left_out.append("openvino-fp32@bf16 not measured: this CPU has no native bf16")
     return paths
