@@ -15,6 +15,7 @@ trained model's do.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,9 +126,14 @@ def _train(model: ResNet, seed: int) -> None:
 
 
 def build_demo(
-    out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False, sign_key: Path | None = None
+    out: Path, *, name: str = "demo", version: int = 1, fp16: bool = False, sign_key: Path | None = None,
+    keep_checkpoint_in: Path | None = None,
 ) -> Path:
-    """Build the demo model directory `<out>/<name>/<version>/` and return it."""
+    """Build the demo model directory `<out>/<name>/<version>/` and return it.
+
+    `keep_checkpoint_in`: a directory to keep the checkpoint in, as `demo_checkpoint.pt` (the file
+    bench.baseline.checkpoint looks for), so the baseline need not train it again.
+    """
     from .checkpoint import load_checkpoint
     from .images import image_set, jpeg_bytes
     from .build import ConvertOptions
@@ -143,6 +149,9 @@ def build_demo(
         path = Path(tmp) / "demo_checkpoint.pt"
         torch.save(checkpoint, path)
         del checkpoint
+        if keep_checkpoint_in is not None:
+            keep_checkpoint_in.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, keep_checkpoint_in / path.name)
         loaded = load_checkpoint(path, arch="resnet50")
         # Encoded as a phone would send them: the served paths are measured on the bytes.
         photos = [jpeg_bytes(image) for image in synthetic_photos(CALIBRATION_IMAGES + SELECTION_IMAGES, DEMO_SEED + 3, PHOTO_SIZE)]

@@ -153,6 +153,26 @@ def build_tiny_model_dir(root: Path) -> Path:
     return version
 
 
+# `./dev test` runs the suite on pytest-xdist workers with `--dist loadgroup`. Each module is one
+# group, so its module fixtures are built once. Every test that needs the demo model is one group
+# ("demo"), on one worker that builds the model once; it is the longest chain, so it starts first,
+# then the modules that convert checkpoints of their own.
+FIRST = ("demo", "tests/test_fidelity.py", "tests/test_convert.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into scopes
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+
+    def group(item: pytest.Item) -> str:
+        return "demo" if "demo_build" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: FIRST.index(group(item)) if group(item) in FIRST else len(FIRST))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only tiny model version directory shared by the session; copy it before changing it."""
@@ -160,22 +180,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real demo model (ResNet50, every artifact), built once per session by `convert`."""
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The real demo model (ResNet50, every artifact), built once per session by `convert`, and the
+    directory its checkpoint is kept in (as `python -m bench` caches it)."""
     from convert.demo import build_demo
 
-    return build_demo(tmp_path_factory.mktemp("demo-models"))
+    kept = tmp_path_factory.mktemp("bench-cache")
+    return build_demo(tmp_path_factory.mktemp("demo-models"), keep_checkpoint_in=kept), kept
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint_file(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's checkpoint rebuilt from its seed, once per session (training it takes most of a minute).
+def demo_model_dir(demo_build: tuple[Path, Path]) -> Path:
+    """The demo model's version directory."""
+    return demo_build[0]
 
-    bench.baseline's demo_checkpoint refuses a rebuild whose sha256 is not model.json's source.sha256.
-    """
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_file(demo_build: tuple[Path, Path]) -> Path:
+    """The checkpoint the demo model was converted from, through bench.baseline's own lookup, which
+    refuses a file whose sha256 is not model.json's source.sha256."""
     from bench.baseline.checkpoint import demo_checkpoint
 
-    return demo_checkpoint(demo_model_dir, tmp_path_factory.mktemp("bench-cache"))
+    return demo_checkpoint(*demo_build)
 
 
 @pytest.fixture
