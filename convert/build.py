@@ -20,7 +20,7 @@ from .checkpoint import LoadedModel
 from .errors import ConvertError
 from .images import ImageSet
 from .served import Bar, Photo
-from .verify import Parity, bar_for, infer_all, load_runtime, measure, top1_agreement
+from .verify import Parity, Runner, bar_for, infer_all, load_runtime, measure, top1_agreement
 
 if TYPE_CHECKING:  # quantize imports ONNX Runtime's quantization tools: only when INT8 is made
     from .quantize import Int8Result
@@ -165,7 +165,7 @@ def require_fp32_parity(build: Build) -> None:
 def int8(build: Build) -> None:
     """Quantize, searching on calibration and selection photos only; ONNX and OpenVINO INT8 when it meets the bar."""
     from .openvino import convert_ir
-    from .quantize import Variant, quantize_int8
+    from .quantize import Variant, exact_runner, quantize_int8
 
     split, options, root = build.split, build.options, build.root
     if split.calibration is None:
@@ -177,9 +177,9 @@ def int8(build: Build) -> None:
     calib_reference = infer_all(build.model.probabilities, calib, batch=BATCH, desc="calibration images: PyTorch FP32")
     selection_reference = infer_all(build.model.probabilities, selection, batch=BATCH, desc="selection images: PyTorch FP32")
 
-    def evaluate(path: Path) -> float:
+    def evaluate(path: Path, runner: Runner | None = None) -> float:
         # The search looks at selection and calibration photos, never at verification ones.
-        runner = load_runtime(path, "onnx").infer
+        runner = runner or load_runtime(path, "onnx").infer
         agreement = 1.0
         for reference, tensors in ((selection_reference, selection), (calib_reference, calib)):
             if len(tensors):
@@ -201,6 +201,10 @@ def int8(build: Build) -> None:
         f"{len(split.verification)} for verification)")
     result = quantize_int8(root / "model.onnx", build.work, calib, evaluate, bar=bar, methods=options.methods,
                            fragility=fragility, say=say)
+    if not result.passed:
+        # The same INT8 model with its arithmetic done exactly tells this CPU's kernels from the model.
+        result.exact_agreement = evaluate(result.path, exact_runner(result.path))
+        say(f"INT8 with exact arithmetic (no INT8 kernels): top-1 agreement {result.exact_agreement:.2%}")
     if result.passed and result.kept_float_nodes:
         say(f"INT8 keeps {len(result.kept_float_nodes)} node(s) in float: {', '.join(result.kept_float_nodes[:8])}{' ...' if len(result.kept_float_nodes) > 8 else ''}")
     why = "" if result.passed else _int8_why(result, bar)
@@ -233,8 +237,19 @@ def int8(build: Build) -> None:
 
 
 def _int8_why(result: Int8Result, bar: float) -> str:
-    """Why INT8 missed the bar, in a line: FP32's own fragility, or how far the search went and where it hurt."""
+    """Why INT8 missed the bar, in a line: this CPU's INT8 kernels, FP32's own fragility, or how far the
+    search went and where it hurt."""
+    from appliance.inference.proof import instruction_sets
+
     why = f"INT8 reached at best {result.agreement:.2%} top-1 agreement on the selection photos (bar {bar:.0%})"
+    exact = result.exact_agreement
+    if exact is not None and exact >= bar:
+        isa = ", ".join(instruction_sets()) or "no AVX2"
+        return (why + f" through this CPU's INT8 kernels ({isa}), and {exact:.2%} with the same INT8 model's "
+                f"arithmetic done exactly: this CPU's kernels miss the bar, not the quantized model (a CPU with "
+                f"other kernels may pass; every box proves its paths on its own CPU)")
+    if exact is not None:
+        why += f", and {exact:.2%} with its arithmetic done exactly (the quantization itself, not this CPU's kernels)"
     if result.fp32_under_noise is not None and result.fp32_under_noise < bar:
         return (why + f": FP32 itself keeps its answer on only {result.fp32_under_noise:.2%} of them when the input "
                 f"moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")

@@ -108,6 +108,7 @@ class Int8Result:
     fp32_under_noise: float | None = None  # FP32's agreement with itself under sub-INT8 input noise, when probed
     worst_nodes: list[str] = field(default_factory=list)  # where quantization error grows most, when searched
     float_stem: list[str] = field(default_factory=list)  # the stem, in float by the recipe (not searched for)
+    exact_agreement: float | None = None  # the chosen model's agreement with exact arithmetic, when it failed
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,19 @@ def quantize_int8(
     assert best is not None
     path = best[1] if best[0] is chosen else quantizer.quantize(method, ranking[:hi])
     return Int8Result(path, method, ranking[:hi], chosen.agreement, True, attempts, float_stem=quantizer.stem)
+
+
+def exact_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The QDQ model run as written, without ONNX Runtime fusing it into INT8 kernels: each
+    quantize-dequantize pair rounds exactly and the layers between run in float, so its answers
+    are the quantized model's own on any CPU (fake quantization)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
 
 
 def _sqnr(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:

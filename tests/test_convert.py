@@ -449,3 +449,37 @@ def test_int8_recipe_keeps_every_x86_kernel_exact(tmp_path):
     activations = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
     assert activations and all(constants[q.input[2]].dtype == np.uint8 for q in activations)
     assert all(n.op_type != "QuantizeLinear" for n in graph.node if "input" in n.input)
+
+
+def test_int8_left_out_names_the_cpu_kernels_or_the_model(tmp_path):
+    # The chosen INT8 model is run again with its arithmetic done exactly (ONNX Runtime without its INT8
+    # kernels): agreement there and not through the kernels is the CPU's doing, not the model's.
+    from appliance.inference.proof import instruction_sets
+    from convert.build import _int8_why
+    from convert.quantize import Int8Result, exact_runner
+
+    kernels = Int8Result(tmp_path / "int8.onnx", "MinMax", [], 0.9865, False, fp32_under_noise=0.9143, exact_agreement=1.0)
+    isa = ", ".join(instruction_sets()) or "no AVX2"
+    assert _int8_why(kernels, 0.99) == (
+        f"INT8 reached at best 98.65% top-1 agreement on the selection photos (bar 99%) through this CPU's INT8 "
+        f"kernels ({isa}), and 100.00% with the same INT8 model's arithmetic done exactly: this CPU's kernels miss "
+        "the bar, not the quantized model (a CPU with other kernels may pass; every box proves its paths on its own CPU)")
+    model = Int8Result(tmp_path / "int8.onnx", "MinMax", [], 0.78, False, fp32_under_noise=0.75, exact_agreement=0.8)
+    assert _int8_why(model, 0.99) == (
+        "INT8 reached at best 78.00% top-1 agreement on the selection photos (bar 99%), and 80.00% with its arithmetic "
+        "done exactly (the quantization itself, not this CPU's kernels): FP32 itself keeps its answer on only 75.00% "
+        "of them when the input moves by less than INT8 rounds it, so these photos sit on near-ties no INT8 graph can hold")
+
+    # exact_runner runs a real QDQ model and answers like the FP32 graph it was quantized from, within INT8's rounding.
+    from convert.export import export_onnx
+    from convert.images import load_image_dir
+    from convert.quantize import Quantizer
+
+    loaded = load_checkpoint(write_checkpoint(tmp_path / "r18.pt", make_resnet18(), "model_state_dict"), arch="resnet18")
+    export_onnx(loaded, tmp_path / "model.onnx")
+    photos = load_image_dir(write_photo_dir(tmp_path / "photos", 4))
+    qdq = Quantizer(tmp_path / "model.onnx", tmp_path, photos.tensors).quantize("MinMax", [])
+    exact = exact_runner(qdq)(photos.tensors)
+    fp32 = load_runtime(tmp_path / "model.onnx", "onnx").infer(photos.tensors)
+    assert exact.shape == fp32.shape and np.allclose(exact.sum(1), 1, atol=1e-5)
+    assert 0 < np.abs(exact - fp32).max() < 0.2
